@@ -1,0 +1,60 @@
+"""Collectives, called explicitly from the model's forward.
+
+`Solo` is a world of one: every collective is free. `Group` wraps a
+torch.distributed process group (gloo on CPU, NCCL on CUDA) plus a gloo group
+for the driver's control messages, which may wait indefinitely between chats
+while compute collectives stay bounded by the group's timeout.
+"""
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class Solo:
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        pass
+
+    def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        return t
+
+    def broadcast_control(self, t: torch.Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Group:
+    def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float):
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+        self.rank, self.world_size, self.device = rank, world_size, device
+        # Idle time between requests is unbounded; a dead peer still breaks the socket at once.
+        self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
+    def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+        """Concatenate each rank's last-dim slice (of widths `sizes`) on rank 0; None elsewhere."""
+        width = max(sizes)
+        padded = torch.nn.functional.pad(t, (0, width - t.shape[-1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        if self.rank != 0:
+            return None
+        return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
+
+    def broadcast_control(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=0, group=self.control)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,138 @@
+"""Who holds what: the head-shard plan of one pipeline stage, as plain data.
+
+A rank owns a list of KV groups (a KV head and its query heads), a range of MLP
+intermediate columns and a range of vocabulary rows (embedding and LM head).
+Where ranks outnumber KV heads, query heads are split instead and each rank
+keeps a replica of the KV heads its query heads read.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .config import ModelConfig
+from .errors import BadPlan
+
+
+@dataclass(frozen=True)
+class RankShard:
+    rank: int
+    kv_heads: list[int]
+    q_heads: list[int]
+    mlp_columns: tuple[int, int]  # [start, end) of the intermediate dimension
+    vocab_rows: tuple[int, int]  # [start, end) of the vocabulary
+
+    @property
+    def num_mlp_columns(self) -> int:
+        return self.mlp_columns[1] - self.mlp_columns[0]
+
+    @property
+    def num_vocab_rows(self) -> int:
+        return self.vocab_rows[1] - self.vocab_rows[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    shares: list[float]
+    ranks: list[RankShard]
+    epoch: int = 0
+    kv_replicated: bool = field(default=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    def to_dict(self) -> dict:
+        return {
+            "world_size": self.world_size,
+            "shares": self.shares,
+            "epoch": self.epoch,
+            "kv_replicated": self.kv_replicated,
+            "ranks": [
+                {
+                    "rank": r.rank,
+                    "kv_groups": r.kv_heads,
+                    "q_heads": r.q_heads,
+                    "mlp_columns": list(r.mlp_columns),
+                    "vocab_rows": list(r.vocab_rows),
+                }
+                for r in self.ranks
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        ranks = [
+            RankShard(
+                rank=r["rank"],
+                kv_heads=list(r["kv_groups"]),
+                q_heads=list(r["q_heads"]),
+                mlp_columns=tuple(r["mlp_columns"]),
+                vocab_rows=tuple(r["vocab_rows"]),
+            )
+            for r in d["ranks"]
+        ]
+        return cls(shares=list(d["shares"]), ranks=ranks, epoch=d["epoch"], kv_replicated=d["kv_replicated"])
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+
+def parse_shares(text: str | None, world_size: int) -> list[float]:
+    """`"2,1"` -> [2.0, 1.0]; None -> even shares."""
+    if not text:
+        return [1.0] * world_size
+    try:
+        shares = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise BadPlan(f"--shares must be numbers separated by commas, got {text!r}") from None
+    if len(shares) != world_size:
+        raise BadPlan(f"--shares has {len(shares)} values but there are {world_size} workers")
+    if any(not (s > 0) for s in shares):
+        raise BadPlan(f"every share must be positive, got {text!r}")
+    return shares
+
+
+def apportion(total: int, shares: list[float]) -> list[int]:
+    """Split `total` units in proportion to `shares`, at least one each (largest remainder)."""
+    n = len(shares)
+    if total < n:
+        raise BadPlan(f"cannot give {n} ranks at least one of {total} units")
+    spare = total - n
+    quotas = [spare * s / sum(shares) for s in shares]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(n), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: spare - sum(counts)]:
+        counts[i] += 1
+    return [c + 1 for c in counts]
+
+
+def contiguous_ranges(counts: list[int]) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def make_plan(cfg: ModelConfig, shares: list[float]) -> Plan:
+    n = len(shares)
+    if n > cfg.num_heads:
+        raise BadPlan(f"{n} workers but the model has only {cfg.num_heads} query heads; use at most {cfg.num_heads}")
+    replicated = n > cfg.num_kv_heads
+    if replicated:
+        q_ranges = contiguous_ranges(apportion(cfg.num_heads, shares))
+        q_heads = [list(range(a, b)) for a, b in q_ranges]
+        kv_heads = [sorted({q // cfg.group_size for q in qs}) for qs in q_heads]
+    else:
+        kv_ranges = contiguous_ranges(apportion(cfg.num_kv_heads, shares))
+        kv_heads = [list(range(a, b)) for a, b in kv_ranges]
+        g = cfg.group_size
+        q_heads = [list(range(a * g, b * g)) for a, b in kv_ranges]
+    mlp = contiguous_ranges(apportion(cfg.intermediate_size, shares))
+    vocab = contiguous_ranges(apportion(cfg.vocab_size, shares))
+    ranks = [RankShard(r, kv_heads[r], q_heads[r], mlp[r], vocab[r]) for r in range(n)]
+    return Plan(shares=list(shares), ranks=ranks, kv_replicated=replicated)

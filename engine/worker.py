@@ -1,0 +1,100 @@
+"""Bring up one rank: load its slices, join the process group, and (for workers) serve steps.
+
+Run as `python -m llmd.engine.worker --spec JSON --master ADDR:PORT`; the driver
+runs `start_rank` in its own process as rank 0.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .comm import Group, Solo
+from .config import ModelConfig, load_hf_config
+from .model import ShardedModel, load_shard
+from .plan import Plan
+from .runtime import serve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RankSpec:
+    model_dir: str
+    plan: dict
+    rank: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    context: int = 2048
+    slots: int = 1
+    threads: int = 1
+    timeout_s: float = 120.0
+    compile: bool = False  # compile the decode step (CPU: needs a C++ compiler)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def device_of(spec: RankSpec) -> torch.device:
+    if spec.device == "cuda":
+        return torch.device("cuda", spec.rank % torch.cuda.device_count())
+    return torch.device(spec.device)
+
+
+def ready_key(rank: int) -> str:
+    return f"llmd/ready/{rank}"
+
+
+def load_rank(spec: RankSpec):
+    """Load this rank's slices; returns what `connect_rank` needs."""
+    torch.set_num_threads(spec.threads)
+    hf_config = load_hf_config(Path(spec.model_dir))
+    cfg = ModelConfig.from_hf(hf_config)
+    plan = Plan.from_dict(spec.plan)
+    device, dtype = device_of(spec), DTYPES[spec.dtype]
+    weights = load_shard(Path(spec.model_dir), cfg, plan.ranks[spec.rank], dtype, device)
+    return cfg, hf_config, plan, weights, device, dtype
+
+
+def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
+    cfg, hf_config, plan, weights, device, dtype = loaded
+    return ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
+                        compiled=spec.compile)
+
+
+def connect(spec: RankSpec, store: dist.Store | None, world_size: int):
+    if world_size == 1:
+        return Solo()
+    store.set(ready_key(spec.rank), "1")
+    return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="llmd engine worker (started by the driver or an agent)")
+    parser.add_argument("--spec", required=True, help="RankSpec as JSON")
+    parser.add_argument("--master", required=True, help="ADDR:PORT of the rendezvous store on the driver")
+    args = parser.parse_args(argv)
+    spec = RankSpec(**json.loads(args.spec))
+    world_size = len(spec.plan["ranks"])
+    host, port = args.master.rsplit(":", 1)
+    try:
+        loaded = load_rank(spec)
+        store = dist.TCPStore(host, int(port), world_size, is_master=False,
+                              timeout=timedelta(seconds=spec.timeout_s))
+        model = build_model(spec, loaded, connect(spec, store, world_size))
+        serve(model)
+        model.comm.close()
+    except Exception as e:  # the driver reads this last line from our log
+        print(f"llmd worker rank {spec.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
