@@ -6,12 +6,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 
+from llmd.engine import shm
 from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
@@ -31,6 +33,8 @@ class LocalCluster:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.driver: Driver | None = None
+        self._shm_path: str | None = None
+        self._wake_fds: list[int] = []
         self._logdir = tempfile.TemporaryDirectory(prefix="llmd-workers-")
 
     def __enter__(self) -> "LocalCluster":
@@ -49,6 +53,12 @@ class LocalCluster:
         # gloo would otherwise bind to whatever the hostname resolves to.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         store = None
+        if self.world_size > 1 and self.spec.device == "cpu" and shm.available():
+            path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            shm.create_region(path, self.world_size)
+            self._shm_path = path
+            self._wake_fds = shm.make_wake_fds(self.world_size)
+            self.spec = replace(self.spec, shm_path=path, wake_fds=self._wake_fds)
         if self.world_size > 1:
             port = free_port(host)
             store = dist.TCPStore(host, port, self.world_size, is_master=True,
@@ -59,6 +69,7 @@ class LocalCluster:
         if store is not None:
             self._wait_ready(store)
         model = build_model(self.spec, loaded, connect(self.spec, store, self.world_size))
+        self._unlink_shm()  # every rank has mapped it by now; the mappings outlive the name
         self.driver = Driver(model, check_workers=self.check_workers)
         self.driver.warm_up()
 
@@ -68,7 +79,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(), "--master", master]
         with open(log, "w") as f:
             self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL))
+                                               stdin=subprocess.DEVNULL, pass_fds=self._wake_fds))
         self.logs.append(log)
 
     def _wait_ready(self, store: dist.Store) -> None:
@@ -80,6 +91,11 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise WorkerLost(f"workers did not load their shards within {self.spec.timeout_s:.0f} s")
             time.sleep(0.05)
+
+    def _unlink_shm(self) -> None:
+        if self._shm_path:
+            Path(self._shm_path).unlink(missing_ok=True)
+            self._shm_path = None
 
     def check_workers(self) -> None:
         for rank, (proc, log) in enumerate(zip(self.procs, self.logs), start=1):
@@ -104,4 +120,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._unlink_shm()
+        for fd in self._wake_fds:
+            os.close(fd)
+        self._wake_fds = []
         self._logdir.cleanup()

@@ -3,13 +3,16 @@
 `Solo` is a world of one: every collective is free. `Group` wraps a
 torch.distributed process group (gloo on CPU, NCCL on CUDA) plus a gloo group
 for the driver's control messages, which may wait indefinitely between chats
-while compute collectives stay bounded by the group's timeout.
+while compute collectives stay bounded by the group's timeout. Ranks on one
+machine all-reduce small messages through shared memory (engine/shm.py).
 """
 
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .shm import SharedMemoryReducer
 
 
 class Solo:
@@ -30,7 +33,8 @@ class Solo:
 
 
 class Group:
-    def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float):
+    def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float,
+                 shm_path: str | None = None, wake_fds: list[int] | None = None):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
@@ -38,9 +42,13 @@ class Group:
         self.rank, self.world_size, self.device = rank, world_size, device
         # Idle time between requests is unbounded; a dead peer still breaks the socket at once.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        self.shm = SharedMemoryReducer(shm_path, wake_fds, rank, world_size, timeout_s) if shm_path else None
 
     def all_reduce(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t)
+        if self.shm is not None and self.shm.fits(t):
+            self.shm.all_reduce(t)
+        else:
+            dist.all_reduce(t)
 
     def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """Concatenate each rank's last-dim slice (of widths `sizes`) on rank 0; None elsewhere."""
@@ -56,5 +64,7 @@ class Group:
         dist.broadcast(t, src=0, group=self.control)
 
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -33,19 +33,24 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
-    """logits [V] -> one token id."""
+def warp(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor) -> torch.Tensor:
+    """Penalty, temperature, top-k and top-p, in transformers' order: logits [V] -> logits [V]."""
     logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if params.greedy or params.temperature == 0:
-        return int(torch.argmax(logits))
     logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the token that crosses top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None) -> int:
+    """logits [V] -> one token id."""
+    if params.greedy or params.temperature == 0:
+        return int(torch.argmax(apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)))
+    probs = warp(logits, params, seen).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -35,6 +35,8 @@ class RankSpec:
     threads: int = 1
     timeout_s: float = 120.0
     compile: bool = False  # compile the decode step (CPU: needs a C++ compiler)
+    shm_path: str | None = None  # shared-memory all-reduce region, when every rank is on this machine
+    wake_fds: list[int] | None = None  # with it: an inherited eventfd per rank (engine/shm.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -71,7 +73,7 @@ def connect(spec: RankSpec, store: dist.Store | None, world_size: int):
     if world_size == 1:
         return Solo()
     store.set(ready_key(spec.rank), "1")
-    return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s)
+    return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s, spec.shm_path, spec.wake_fds)
 
 
 def main(argv=None) -> int:
