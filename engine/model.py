@@ -185,6 +185,7 @@ class ShardedModel:
     def __init__(self, cfg: ModelConfig, hf_config, plan: Plan, rank: int, weights: ShardWeights, comm,
                  context: int, slots: int, dtype: torch.dtype, device: torch.device, compiled: bool = False):
         self.cfg, self.plan, self.comm, self.w = cfg, plan, comm, weights
+        self.device = device
         self.shard = plan.ranks[rank]
         self.context, self.slots = context, slots
         self.nq, self.nkv = len(self.shard.q_heads), len(self.shard.kv_heads)

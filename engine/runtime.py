@@ -24,14 +24,14 @@ def peak_rss_mb() -> float:
 
 
 def rank_stats(model: ShardedModel) -> torch.Tensor:
-    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20], dtype=torch.float64)
+    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20], dtype=torch.float64, device=model.device)
 
 
 def run_op(model: ShardedModel, header: torch.Tensor, payload: torch.Tensor):
     """Execute one broadcast step on this rank; rank 0 gets the result."""
     op, B, S, all_logits = header.tolist()
     if op == OP_FORWARD:
-        tokens = payload[: B * S].view(B, S)
+        tokens = payload[: B * S].view(B, S).to(model.device)
         slots = payload[B * S : B * S + B].tolist()
         starts = payload[B * S + B :].tolist()
         return model.forward(tokens, slots, starts, all_logits=bool(all_logits))
@@ -107,7 +107,7 @@ class Driver:
         self.clear_slot(slot)
 
     def stats(self) -> list[dict]:
-        table = self._step(OP_STATS, 0, 0, 0, []).view(-1, 2)
+        table = self._step(OP_STATS, 0, 0, 0, []).view(-1, 2).cpu()
         return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1)}
                 for r, (a, b) in enumerate(table.tolist())]
 
@@ -132,7 +132,7 @@ class Driver:
         if budget <= 0:
             return out
         t0 = time.perf_counter()
-        logits = self.forward([prompt_ids], [slot], [0], all_logits=record_logits)[0]  # [S, V] or [V]
+        logits = self.forward([prompt_ids], [slot], [0], all_logits=record_logits)[0].cpu()  # [S, V] or [V]
         if record_logits:
             out.prefill_logits, logits = logits, logits[-1]
         out.prefill_s = time.perf_counter() - t0
@@ -149,7 +149,7 @@ class Driver:
             if len(out.token_ids) >= budget:
                 break
             seen = torch.cat([seen, torch.tensor([token])])
-            logits = self.forward([[token]], [slot], [position])[0]  # [V]
+            logits = self.forward([[token]], [slot], [position])[0].cpu()  # [V]
             position += 1
             if record_logits:
                 out.decode_logits.append(logits)
