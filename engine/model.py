@@ -52,52 +52,53 @@ class ShardWeights:
 
 
 def load_shard(model_dir: Path, cfg: ModelConfig, shard: RankShard, dtype: torch.dtype, device: torch.device):
-    """Read only this rank's slices of the checkpoint (never the whole model)."""
-    D = cfg.head_dim
-    q_rows = runs(shard.q_heads, D)
-    kv_rows = runs(shard.kv_heads, D)
-    cols = [shard.mlp_columns]
-    vocab = [shard.vocab_rows]
+    """Read only this rank's slices of the checkpoint (never the whole model).
 
+    The files are mapped afresh for each layer: pages a column slice touches are
+    released with the mapping, so peak memory stays near the shard's own size.
+    """
     def put(t):
-        return t.to(device=device, dtype=dtype).contiguous()
+        # A copy: a tensor read straight from the file would keep the whole file mapped.
+        return t.to(device=device, dtype=dtype, copy=True).contiguous()
 
+    layers = []
+    for i in range(cfg.num_layers):
+        with SliceReader(model_dir) as r:
+            layers.append(load_layer(r, cfg, shard, i, put))
     with SliceReader(model_dir) as r:
-        layers = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            a, m = p + "self_attn.", p + "mlp."
-            wqkv = torch.cat(
-                [r.rows(a + "q_proj.weight", q_rows), r.rows(a + "k_proj.weight", kv_rows),
-                 r.rows(a + "v_proj.weight", kv_rows)]
-            )
-            bqkv = None
-            if cfg.qkv_bias:
-                bqkv = torch.cat(
-                    [r.rows(a + "q_proj.bias", q_rows), r.rows(a + "k_proj.bias", kv_rows),
-                     r.rows(a + "v_proj.bias", kv_rows)]
-                )
-            wgu = torch.cat([r.rows(m + "gate_proj.weight", cols), r.rows(m + "up_proj.weight", cols)])
-            bgu = None
-            if cfg.mlp_bias:
-                bgu = torch.cat([r.rows(m + "gate_proj.bias", cols), r.rows(m + "up_proj.bias", cols)])
-            layers.append(LayerWeights(
-                attn_norm=put(r.whole(p + "input_layernorm.weight")),
-                wqkv=put(wqkv),
-                bqkv=None if bqkv is None else put(bqkv),
-                wo=put(r.cols(a + "o_proj.weight", q_rows)),
-                bo=put(r.whole(a + "o_proj.bias")) if cfg.o_bias else None,
-                mlp_norm=put(r.whole(p + "post_attention_layernorm.weight")),
-                wgu=put(wgu),
-                bgu=None if bgu is None else put(bgu),
-                wdown=put(r.cols(m + "down_proj.weight", cols)),
-                bdown=put(r.whole(m + "down_proj.bias")) if cfg.mlp_bias else None,
-            ))
+        vocab = [shard.vocab_rows]
         embed = put(r.rows("model.embed_tokens.weight", vocab))
         tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
         lm_head = embed if tied else put(r.rows("lm_head.weight", vocab))
         final_norm = put(r.whole("model.norm.weight"))
     return ShardWeights(embed=embed, lm_head=lm_head, final_norm=final_norm, layers=layers)
+
+
+def load_layer(r: SliceReader, cfg: ModelConfig, shard: RankShard, i: int, put) -> LayerWeights:
+    D = cfg.head_dim
+    q_rows, kv_rows, cols = runs(shard.q_heads, D), runs(shard.kv_heads, D), [shard.mlp_columns]
+    p = f"model.layers.{i}."
+    a, m = p + "self_attn.", p + "mlp."
+
+    def qkv(kind: str):
+        return torch.cat([r.rows(a + f"q_proj.{kind}", q_rows), r.rows(a + f"k_proj.{kind}", kv_rows),
+                          r.rows(a + f"v_proj.{kind}", kv_rows)])
+
+    def gate_up(kind: str):
+        return torch.cat([r.rows(m + f"gate_proj.{kind}", cols), r.rows(m + f"up_proj.{kind}", cols)])
+
+    return LayerWeights(
+        attn_norm=put(r.whole(p + "input_layernorm.weight")),
+        wqkv=put(qkv("weight")),
+        bqkv=put(qkv("bias")) if cfg.qkv_bias else None,
+        wo=put(r.cols(a + "o_proj.weight", q_rows)),
+        bo=put(r.whole(a + "o_proj.bias")) if cfg.o_bias else None,
+        mlp_norm=put(r.whole(p + "post_attention_layernorm.weight")),
+        wgu=put(gate_up("weight")),
+        bgu=put(gate_up("bias")) if cfg.mlp_bias else None,
+        wdown=put(r.cols(m + "down_proj.weight", cols)),
+        bdown=put(r.whole(m + "down_proj.bias")) if cfg.mlp_bias else None,
+    )
 
 
 def rope_tables(hf_config, context: int, dtype: torch.dtype, device: torch.device):
