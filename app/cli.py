@@ -74,6 +74,8 @@ def prepare(args) -> Setup:
     """Validate the options and resolve the model before any process starts."""
     if args.workers < 1:
         raise LlmdError("--workers must be at least 1")
+    if not args.timeout > 0:
+        raise LlmdError("--timeout must be a positive number of seconds")
     if args.device == "cuda":
         import torch
 
@@ -100,8 +102,6 @@ def want_compile(args) -> bool:
 
 
 def sampling_params(args, text: TextModel) -> SamplingParams:
-    if args.max_new_tokens < 0:
-        raise LlmdError("--max-new-tokens must be >= 0")
     return SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           stop_token_ids=[] if args.ignore_eos else text.stop_token_ids, seed=args.seed)

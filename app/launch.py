@@ -40,6 +40,9 @@ class LocalCluster:
     def __enter__(self) -> "LocalCluster":
         try:
             self.start()
+        except RuntimeError as e:  # torch.distributed: the store or a peer failed while starting
+            self.close()
+            raise WorkerLost(f"the workers could not connect: {str(e).splitlines()[0]}") from None
         except BaseException:
             self.close()
             raise

@@ -7,6 +7,7 @@ keeps a replica of the KV heads its query heads read.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .config import ModelConfig
@@ -91,8 +92,8 @@ def parse_shares(text: str | None, world_size: int) -> list[float]:
         raise BadPlan(f"--shares must be numbers separated by commas, got {text!r}") from None
     if len(shares) != world_size:
         raise BadPlan(f"--shares has {len(shares)} values but there are {world_size} workers")
-    if any(not (s > 0) for s in shares):
-        raise BadPlan(f"every share must be positive, got {text!r}")
+    if any(not (0 < s < math.inf) for s in shares) or not math.isfinite(sum(shares)):
+        raise BadPlan(f"every share must be a positive finite number, got {text!r}")
     return shares
 
 

@@ -92,8 +92,8 @@ class Driver:
             self.comm.broadcast_control(header)
             self.comm.broadcast_control(payload_t)
             return run_op(self.model, header, payload_t)
-        except RuntimeError as e:  # gloo/NCCL: a peer closed its socket or timed out
-            self.check_workers()
+        except (RuntimeError, WorkerLost) as e:  # a peer closed its socket, timed out or vanished
+            self.check_workers()  # names the worker and its exit code, when we started it
             raise WorkerLost(f"a worker stopped answering: {str(e).splitlines()[0]}") from None
 
     def forward(self, tokens: list[list[int]], slots: list[int], starts: list[int], all_logits: bool = False):

@@ -1,8 +1,11 @@
 """Turning the driver's logits into the next token."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import BadSampling
 
 
 @dataclass
@@ -17,10 +20,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        assert self.max_new_tokens >= 0, "max_new_tokens must be >= 0"
-        assert self.temperature >= 0, "temperature must be >= 0"
-        assert 0 < self.top_p <= 1, "top_p must be in (0, 1]"
-        assert self.repetition_penalty > 0, "repetition_penalty must be > 0"
+        checks = [
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0: no top-k)"),
+            (0 < self.repetition_penalty < math.inf, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadSampling(message)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -49,6 +49,15 @@ def create_region(path: str, world_size: int) -> None:
         f.truncate(region_size(world_size))
 
 
+def process_running(pid: int) -> bool:
+    """True while `pid` runs; a killed child its parent has not reaped yet is a zombie, not running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 class SharedMemoryReducer:
     def __init__(self, path: str, wake_fds: list[int], rank: int, world_size: int, timeout_s: float):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
@@ -101,13 +110,10 @@ class SharedMemoryReducer:
                 raise WorkerLost(f"rank {self.rank}: peers did not reach all-reduce {self.seq} in {self.timeout_s:.0f} s")
 
     def _check_peers_alive(self) -> None:
-        for r in range(self.world_size):
+        for r in self.peers:
             pid = self._flags[r * 8 + 1]
-            if r != self.rank and pid:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    raise WorkerLost(f"rank {r} (pid {pid}) is gone") from None
+            if pid and not process_running(pid):
+                raise WorkerLost(f"rank {r} (pid {pid}) is gone")
 
     def close(self) -> None:
         self._data = None

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from conftest import CLI, llmd
 
@@ -51,6 +52,26 @@ def test_prompt_longer_than_context():
 
 def test_zero_workers():
     assert_clean_error(["--workers", "0", "hi"], "--workers must be at least 1")
+
+
+@pytest.mark.parametrize("shares", ["inf,1", "1e308,1e308"])
+def test_infinite_shares(shares):
+    assert_clean_error(["--workers", "2", "--shares", shares, "hi"], "positive finite number")
+
+
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--temperature", "-1", "temperature"),
+    ("--top-p", "0", "top_p"),
+    ("--top-p", "1.5", "top_p"),
+    ("--repetition-penalty", "0", "repetition_penalty"),
+    ("--max-new-tokens", "-3", "max_new_tokens"),
+])
+def test_bad_sampling_options(option, value, phrase):
+    assert_clean_error([option, value, "hi"], phrase)
+
+
+def test_zero_timeout():
+    assert_clean_error(["--workers", "2", "--timeout", "0", "hi"], "--timeout must be a positive")
 
 
 # A worker that dies mid-generation
