@@ -61,7 +61,7 @@ def hf_decode_tokens_per_s(model_dir, prompt_ids, new_tokens: int, repeats: int)
     mask = torch.ones_like(ids)
     results = {}
     for cache in ("dynamic", "static"):
-        def run(n):
+        def run(n, cache=cache):
             kwargs = {"cache_implementation": "static"} if cache == "static" else {}
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)

@@ -8,7 +8,7 @@ keeps a replica of the KV heads its query heads read.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import BadPlan

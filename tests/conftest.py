@@ -1,8 +1,6 @@
 """Shared fixtures: the bundled model, tiny random models, and running the real `llmd` CLI."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -68,7 +68,7 @@ def test_sums_match_and_are_identical_on_every_rank(region, world):
 
 
 def wait_forever(rank, path, fds):
-    reducer = shm.SharedMemoryReducer(path, fds, rank, 2, timeout_s=30)
+    shm.SharedMemoryReducer(path, fds, rank, 2, timeout_s=30)  # registers this pid with the peers
     time.sleep(60)
 
 
