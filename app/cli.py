@@ -4,7 +4,9 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,10 @@ from llmd.engine.plan import make_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
 
-from .launch import LocalCluster
+from .host import Host, NoAgents, RemoteCluster
+from .launch import Cluster, LocalCluster
+from .net import primary_address
+from .security import load_or_create_secret, read_secret
 from .text import TextModel
 
 
@@ -42,6 +47,11 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens even past end-of-text")
 
 
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="this machine's LAN address to use (default: the default route's)")
+    p.add_argument("--secret-file", help="the pool secret (default: $LLMD_POOL_SECRET, else the host's own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmd", description="Pool the spare GPUs of an office into one LLM cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.add_argument("--dump-logits", metavar="FILE", help="save prefill and decode logits (torch.save) for checks")
+    gen.add_argument("--agents", choices=["auto"], help="run on the agents discovered over mDNS, not local workers")
+    gen.add_argument("--expect", type=int, default=1, help="with --agents: wait for this many agents (default 1)")
+    gen.add_argument("--discover-timeout", type=float, default=15.0, help="with --agents: seconds to wait for them")
+    add_network_options(gen)
     gen.add_argument("prompt")
 
     chat = sub.add_parser("chat", help="chat in the terminal",
@@ -60,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(chat)
     add_sampling_options(chat)
     chat.add_argument("--system", help="system message")
+
+    agent = sub.add_parser("agent", help="offer this workstation's devices to the pool",
+                           description="Run a workstation agent. Example: LLMD_POOL_SECRET=... llmd agent --devices cpu:2")
+    agent.add_argument("--name", default=socket.gethostname(), help="name shown to the host (default: hostname)")
+    agent.add_argument("--port", type=int, default=0, help="control API port (default: any free one)")
+    agent.add_argument("--devices", help="cpu:N to offer N CPU workers (default: every NVIDIA GPU, else cpu:1)")
+    agent.add_argument("--threads", type=int, help="torch threads per CPU worker (default: cores / CPU workers)")
+    add_network_options(agent)
+
+    peers = sub.add_parser("peers", help="list the agents on the LAN",
+                           description="List agents found over mDNS. Example: llmd peers --timeout 3 --json")
+    peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
+    peers.add_argument("--json", action="store_true")
+    add_network_options(peers)
     return parser
 
 
@@ -70,9 +98,10 @@ class Setup:
     text: TextModel
 
 
-def prepare(args) -> Setup:
+def prepare(args, world_size: int | None = None) -> Setup:
     """Validate the options and resolve the model before any process starts."""
-    if args.workers < 1:
+    world_size = world_size or args.workers
+    if world_size < 1:
         raise LlmdError("--workers must be at least 1")
     if not args.timeout > 0:
         raise LlmdError("--timeout must be a positive number of seconds")
@@ -83,15 +112,15 @@ def prepare(args) -> Setup:
             raise LlmdError("--device cuda but no CUDA GPU is visible to torch")
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_hf(load_hf_config(model_dir))
-    plan = make_plan(cfg, parse_shares(args.shares, args.workers))
+    plan = make_plan(cfg, parse_shares(args.shares, world_size))
     limit = min(cfg.max_positions, cfg.sliding_window or cfg.max_positions)
     context = args.context or min(2048, limit)
     if not 1 < context <= limit:
         raise LlmdError(f"--context must be between 2 and {limit} for this model")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (1 if args.__dict__.get("agents") else world_size))
     spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, device=args.device,
                     context=context, threads=threads, timeout_s=args.timeout, compile=want_compile(args))
-    return Setup(spec, args.workers, TextModel.load(model_dir))
+    return Setup(spec, world_size, TextModel.load(model_dir))
 
 
 def want_compile(args) -> bool:
@@ -107,12 +136,51 @@ def sampling_params(args, text: TextModel) -> SamplingParams:
                           stop_token_ids=[] if args.ignore_eos else text.stop_token_ids, seed=args.seed)
 
 
+def host_secret(args) -> str:
+    if args.secret_file or os.environ.get("LLMD_POOL_SECRET"):
+        return read_secret(args.secret_file)
+    return load_or_create_secret()
+
+
+def start_cluster(args) -> tuple[Setup, Cluster, "Host | None"]:
+    """Local workers, or (--agents auto) the agents discovered over mDNS."""
+    if not args.agents:
+        setup = prepare(args)
+        return setup, LocalCluster(setup.spec, setup.world_size), None
+    if args.expect < 1:
+        raise LlmdError("--expect must be at least 1")
+    address = args.address or primary_address()
+    host = Host(host_secret(args), address)
+    try:
+        found = host.wait_for_peers(args.expect, args.discover_timeout)
+        if len(found) < args.expect:
+            refused = [s.peer.advert.name for s in host.peers() if s.health == "refused"]
+            hint = f"; refused (another pool's secret): {', '.join(refused)}" if refused else ""
+            raise NoAgents(f"found {len(found)} agent(s) answering on the LAN within {args.discover_timeout:g} s, "
+                           f"expected {args.expect}{hint}")
+        chosen = found[: args.expect]
+        agents = [(host.client(s.peer), host.client(s.peer).get("/v1/health")["devices"]) for s in chosen]
+        setup = prepare(args, world_size=1 + sum(len(d) for _, d in agents))
+        return setup, RemoteCluster(setup.spec, args.model, agents, address), host
+    except BaseException:
+        host.close()
+        raise
+
+
 def cmd_generate(args) -> int:
-    setup = prepare(args)
+    setup, cluster, host = start_cluster(args)
+    try:
+        return generate_on(args, setup, cluster)
+    finally:
+        if host:
+            host.close()
+
+
+def generate_on(args, setup: Setup, cluster: Cluster) -> int:
     text = setup.text
     params = sampling_params(args, text)
     prompt_ids = text.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else text.encode(args.prompt)
-    with LocalCluster(setup.spec, setup.world_size) as cluster:
+    with cluster:
         driver = cluster.driver
         stream = None if args.json else text.streamer(sys.stdout)
         gen = driver.generate(prompt_ids, params, on_token=stream, record_logits=bool(args.dump_logits))
@@ -168,10 +236,35 @@ def cmd_chat(args) -> int:
                   f"first token {gen.prefill_s * 1000:.0f} ms]", flush=True)
 
 
+def cmd_agent(args) -> int:
+    from .agent import run_agent
+
+    run_agent(args.name, args.address or primary_address(), args.port, read_secret(args.secret_file), args.devices,
+              args.threads)
+    return 0
+
+
+def cmd_peers(args) -> int:
+    secret = read_secret(args.secret_file) if (args.secret_file or os.environ.get("LLMD_POOL_SECRET")) else None
+    with Host(secret, args.address) as host:
+        time.sleep(args.timeout)
+        host.refresh()
+        rows = [s.to_dict() for s in host.peers()]
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print(f"no agents found in {args.timeout:g} s")
+    else:
+        for r in rows:
+            print(f"{r['name']:20} {r['address']}:{r['port']:<6} {r['devices']:28} {r['state']:10} {r['health']}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "agent": cmd_agent, "peers": cmd_peers}
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        return commands[args.command](args)
     except LlmdError as e:
         print(f"llmd: error: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,12 @@
-"""Start an engine on this machine: rank 0 (the driver) here, the other ranks as child processes."""
+"""Start an engine: rank 0 (the driver) in this process, the other ranks elsewhere.
+
+`Cluster` holds what every launch shares: the rendezvous store on this machine's
+address, loading rank 0's shard while the others load theirs, waiting for them
+(failing fast when one exits), and the driver. `LocalCluster` starts the other
+ranks as child processes; `app/host.py`'s `RemoteCluster` asks agents to.
+"""
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,26 +23,17 @@ from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from .net import engine_env, free_port
 
 
-class LocalCluster:
-    """N ranks on this machine over loopback; use as a context manager."""
+class Cluster:
+    """Use as a context manager; `driver` runs steps once it is entered."""
 
-    def __init__(self, spec: RankSpec, world_size: int):
-        self.spec, self.world_size = spec, world_size
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
+    def __init__(self, spec: RankSpec, world_size: int, address: str):
+        self.spec, self.world_size, self.address = spec, world_size, address
         self.driver: Driver | None = None
-        self._shm_path: str | None = None
-        self._wake_fds: list[int] = []
-        self._logdir = tempfile.TemporaryDirectory(prefix="llmd-workers-")
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self):
         try:
             self.start()
         except RuntimeError as e:  # torch.distributed: the store or a peer failed while starting
@@ -52,41 +48,25 @@ class LocalCluster:
         self.close()
 
     def start(self) -> None:
-        host = "127.0.0.1"
         # gloo would otherwise bind to whatever the hostname resolves to.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        for key, value in engine_env(self.address).items():
+            os.environ.setdefault(key, value)
         store = None
-        if self.world_size > 1 and self.spec.device == "cpu" and shm.available():
-            path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            shm.create_region(path, self.world_size)
-            self._shm_path = path
-            self._wake_fds = shm.make_wake_fds(self.world_size)
-            self.spec = replace(self.spec, shm_path=path, wake_fds=self._wake_fds)
         if self.world_size > 1:
-            port = free_port(host)
-            store = dist.TCPStore(host, port, self.world_size, is_master=True,
+            port = free_port(self.address)  # a fresh port per launch
+            store = dist.TCPStore(self.address, port, self.world_size, is_master=True,
                                   timeout=timedelta(seconds=self.spec.timeout_s), wait_for_workers=False)
-            for rank in range(1, self.world_size):
-                self._spawn(replace(self.spec, rank=rank), f"{host}:{port}")
+            self.start_other_ranks(self.address, port)
         loaded = load_rank(self.spec)
         if store is not None:
             self._wait_ready(store)
         model = build_model(self.spec, loaded, connect(self.spec, store, self.world_size))
-        self._unlink_shm()  # every rank has mapped it by now; the mappings outlive the name
+        self.after_connect()
         self.driver = Driver(model, check_workers=self.check_workers)
         self.driver.warm_up()
 
-    def _spawn(self, spec: RankSpec, master: str) -> None:
-        log = Path(self._logdir.name) / f"rank{spec.rank}.log"
-        env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(), "--master", master]
-        with open(log, "w") as f:
-            self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL, pass_fds=self._wake_fds))
-        self.logs.append(log)
-
     def _wait_ready(self, store: dist.Store) -> None:
-        """Wait for every worker to load its shard, failing fast if one exits."""
+        """Wait for every other rank to load its shard, failing fast if one exits."""
         keys = [ready_key(r) for r in range(1, self.world_size)]
         deadline = time.monotonic() + self.spec.timeout_s
         while not store.check(keys):
@@ -95,28 +75,77 @@ class LocalCluster:
                 raise WorkerLost(f"workers did not load their shards within {self.spec.timeout_s:.0f} s")
             time.sleep(0.05)
 
+    def close(self) -> None:
+        if self.driver is not None:
+            try:
+                self.check_workers()
+                self.driver.shutdown()
+            except (RuntimeError, WorkerLost):
+                pass  # a worker is already gone; stop_other_ranks ends the rest
+            self.driver.comm.close()
+            self.driver = None
+        self.stop_other_ranks()
+
+    # What a kind of cluster defines.
+    def start_other_ranks(self, address: str, port: int) -> None:
+        raise NotImplementedError
+
+    def after_connect(self) -> None:
+        pass
+
+    def check_workers(self) -> None:
+        """Raise WorkerLost, naming the rank, when another rank has exited."""
+
+    def stop_other_ranks(self) -> None:
+        pass
+
+
+class LocalCluster(Cluster):
+    """N ranks on this machine over loopback, sharing memory for small all-reduces."""
+
+    def __init__(self, spec: RankSpec, world_size: int):
+        super().__init__(spec, world_size, "127.0.0.1")
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self._shm_path: str | None = None
+        self._wake_fds: list[int] = []
+        self._logdir = tempfile.TemporaryDirectory(prefix="llmd-workers-")
+
+    def start_other_ranks(self, address: str, port: int) -> None:
+        if self.spec.device == "cpu" and shm.available():
+            self._shm_path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            shm.create_region(self._shm_path, self.world_size)
+            self._wake_fds = shm.make_wake_fds(self.world_size)
+            self.spec = replace(self.spec, shm_path=self._shm_path, wake_fds=self._wake_fds)
+        for rank in range(1, self.world_size):
+            self._spawn(replace(self.spec, rank=rank), f"{address}:{port}")
+
+    def _spawn(self, spec: RankSpec, master: str) -> None:
+        log = Path(self._logdir.name) / f"rank{spec.rank}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_env(self.address))
+        cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(), "--master", master]
+        with open(log, "w") as f:
+            self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                               stdin=subprocess.DEVNULL, pass_fds=self._wake_fds))
+        self.logs.append(log)
+
+    def after_connect(self) -> None:
+        self._unlink_shm()  # every rank has mapped it by now; the mappings outlive the name
+
     def _unlink_shm(self) -> None:
         if self._shm_path:
             Path(self._shm_path).unlink(missing_ok=True)
             self._shm_path = None
 
     def check_workers(self) -> None:
-        for rank, (proc, log) in enumerate(zip(self.procs, self.logs), start=1):
+        for rank, (proc, log) in enumerate(zip(self.procs, self.logs, strict=True), start=1):
             code = proc.poll()
             if code is not None:
                 lines = log.read_text(errors="replace").strip().splitlines()
                 why = f": {lines[-1]}" if lines else ""
                 raise WorkerLost(f"worker rank {rank} exited with code {code}{why}")
 
-    def close(self) -> None:
-        if self.driver is not None:
-            try:
-                if all(p.poll() is None for p in self.procs):
-                    self.driver.shutdown()
-            except RuntimeError:
-                pass  # a worker is already gone; we kill the rest below
-            self.driver.comm.close()
-            self.driver = None
+    def stop_other_ranks(self) -> None:
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)

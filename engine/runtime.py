@@ -82,12 +82,13 @@ class Driver:
 
     def __init__(self, model: ShardedModel, check_workers: Callable[[], None] = lambda: None):
         self.model, self.comm = model, model.comm
-        self.check_workers = check_workers  # raises WorkerLost when a worker has exited
+        # Raises WorkerLost naming the rank that exited; asked after a collective fails,
+        # since a dead peer breaks gloo's sockets (or the shared-memory wait) at once.
+        self.check_workers = check_workers
 
     def _step(self, op: int, B: int, S: int, flags: int, payload: list[int]):
         header = torch.tensor([op, B, S, flags], dtype=torch.int64)
         payload_t = torch.tensor(payload or [0], dtype=torch.int64)
-        self.check_workers()
         try:
             self.comm.broadcast_control(header)
             self.comm.broadcast_control(payload_t)

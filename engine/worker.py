@@ -43,6 +43,7 @@ class RankSpec:
 
 
 def device_of(spec: RankSpec) -> torch.device:
+    """"cpu", "cuda:I", or plain "cuda": one GPU per local rank."""
     if spec.device == "cuda":
         return torch.device("cuda", spec.rank % torch.cuda.device_count())
     return torch.device(spec.device)
