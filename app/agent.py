@@ -1,7 +1,9 @@
 """`llmd agent`: one per workstation. Advertises its devices over mDNS and, when the
 host asks with a signed request, starts engine workers and watches them."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +171,14 @@ def offered_devices(spec: str | None, inv) -> list[str]:
     return ["cpu"]
 
 
+class QuietServer(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after shutting down, which would kill the process before
+    the agent unregisters its mDNS record and stops its workers; we handle those signals ourselves."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
 def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str | None,
               threads: int | None = None) -> None:
     inv = inventory.read_inventory()
@@ -185,7 +195,9 @@ def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str
                     free_mb=psutil.virtual_memory().available // 2**20, address=address, port=port)
     if not inv.gpus:
         print(f"llmd agent: {inv.note}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))
+    server = QuietServer(uvicorn.Config(create_app(state), log_level="warning"))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     zc = open_zeroconf(address)
     advertiser = Advertiser(zc, advert)
     advertiser.register()

@@ -1,0 +1,51 @@
+"""Start real `llmd agent` processes for tests."""
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from netns import stop, wait_for_output
+
+CLI = [sys.executable, "-u", "-m", "llmd.app.cli"]
+
+
+@dataclass
+class Agent:
+    name: str
+    proc: subprocess.Popen
+    address: str
+    port: int
+
+
+def new_secret() -> str:
+    return secrets.token_hex(16)
+
+
+def start_agent(name: str, secret: str, address: str = "127.0.0.1", devices: str = "cpu:1",
+                run_in=None) -> Agent:
+    """One agent; `run_in` (a netns Host's method) starts it inside a namespace."""
+    argv = [*CLI, "agent", "--name", name, "--address", address, "--devices", devices, "--threads", "1"]
+    env = dict(os.environ, LLMD_POOL_SECRET=secret)
+    popen = run_in or (lambda a, **kw: subprocess.Popen(a, **kw))
+    proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    try:
+        m = wait_for_output(proc, r"listening on ([\d.]+):(\d+)", timeout=60)
+    except BaseException:
+        stop(proc)
+        raise
+    return Agent(name, proc, m.group(1), int(m.group(2)))
+
+
+def host_env(secret: str) -> dict:
+    return dict(os.environ, LLMD_POOL_SECRET=secret)
+
+
+def parse_json_line(text: str) -> dict:
+    import json
+
+    lines = [line for line in text.splitlines() if re.match(r"^[\[{]", line)]
+    assert lines, text
+    return json.loads(lines[-1])
