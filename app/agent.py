@@ -25,7 +25,7 @@ from llmd.engine.worker import RankSpec
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
-from .net import engine_env
+from .net import die_with_parent, engine_env
 from .security import Verifier
 
 
@@ -73,6 +73,16 @@ class AgentState:
     devices: list[str]  # what this agent offers, e.g. ["cpu", "cpu"] or ["cuda:0", "cuda:1"]
     verifier: Verifier
     threads: int | None = None  # torch threads per CPU worker; None: cores / CPU workers
+    memory_cap_mb: int | None = None  # the most RAM the CPU workers may use, all together
+
+    def device_free_mb(self) -> list[int]:
+        """Free memory of each offered device: its GPU's, or a CPU worker's part of the RAM."""
+        gpus = {f"cuda:{g['index']}": g for g in inventory.read_gpu_samples()}
+        ram = psutil.virtual_memory().available // 2**20
+        if self.memory_cap_mb:
+            ram = min(ram, self.memory_cap_mb)
+        cpu_share = ram // max(self.devices.count("cpu"), 1)
+        return [cpu_share if d == "cpu" else gpus_free(gpus.get(d)) for d in self.devices]
     workers: list[WorkerProcess] = field(default_factory=list)
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llmd-agent-")))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,13 +98,16 @@ class AgentState:
             for r in req.ranks:
                 if not 0 < r.rank < world:
                     raise ValueError(f"rank {r.rank} is outside a world of {world}")
+                if r.device not in self.devices:
+                    raise ValueError(f"this agent offers {self.devices}, not {r.device}")
                 spec = RankSpec(model_dir=str(model_dir), plan=req.plan, rank=r.rank, device=r.device,
                                 context=req.context, threads=threads, timeout_s=req.timeout_s, compile=req.compile)
                 log = self.logdir / f"{req.launch_id}-rank{r.rank}.log"
                 cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(),
                        "--master", f"{req.master_addr}:{req.master_port}"]
                 with open(log, "w") as f:
-                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                            preexec_fn=die_with_parent)
                 w = WorkerProcess(req.launch_id, r.rank, r.device, proc, log)
                 self.workers.append(w)
                 started.append(w.status())
@@ -129,7 +142,8 @@ def create_app(state: AgentState) -> FastAPI:
     @app.get("/v1/health")
     def health():
         return {"ok": True, "agent_id": state.agent_id, "name": state.name, "version": llmd.__version__,
-                "devices": state.devices, "workers": [w.status() for w in state.workers]}
+                "devices": state.devices, "device_free_mb": state.device_free_mb(),
+                "workers": [w.status() for w in state.workers]}
 
     @app.get("/v1/inventory")
     def get_inventory():
@@ -171,6 +185,21 @@ def offered_devices(spec: str | None, inv) -> list[str]:
     return ["cpu"]
 
 
+def gpus_free(sample: dict | None) -> int:
+    if not sample:
+        return 0
+    total = next((g.memory_total_mb for g in inventory.read_inventory().gpus if g.index == sample["index"]), 0)
+    return max(total - sample["memory_used_mb"], 0)
+
+
+def advertise_free_memory(state: AgentState, advertiser: Advertiser, stop: threading.Event) -> None:
+    """Re-announce the TXT record when free memory moves by more than a tenth."""
+    while not stop.wait(5.0):
+        free = sum(state.device_free_mb())
+        if abs(free - advertiser.advert.free_mb) > advertiser.advert.free_mb / 10:
+            advertiser.update(free_mb=free)
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after shutting down, which would kill the process before
     the agent unregisters its mDNS record and stops its workers; we handle those signals ourselves."""
@@ -180,11 +209,11 @@ class QuietServer(uvicorn.Server):
 
 
 def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str | None,
-              threads: int | None = None) -> None:
+              threads: int | None = None, memory_cap_mb: int | None = None) -> None:
     inv = inventory.read_inventory()
     devices = offered_devices(devices_spec, inv)
     state = AgentState(agent_id=uuid.uuid4().hex, name=name, address=address, devices=devices,
-                       verifier=Verifier(secret), threads=threads)
+                       verifier=Verifier(secret), threads=threads, memory_cap_mb=memory_cap_mb)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, port))
@@ -192,7 +221,7 @@ def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str
     cpu_n = devices.count("cpu")
     advert = Advert(agent_id=state.agent_id, name=name, version=llmd.__version__,
                     devices=inventory.device_summary(inv, cpu_n), device_count=len(devices),
-                    free_mb=psutil.virtual_memory().available // 2**20, address=address, port=port)
+                    free_mb=sum(state.device_free_mb()), address=address, port=port)
     if not inv.gpus:
         print(f"llmd agent: {inv.note}", flush=True)
     server = QuietServer(uvicorn.Config(create_app(state), log_level="warning"))
@@ -202,9 +231,12 @@ def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str
     advertiser = Advertiser(zc, advert)
     advertiser.register()
     print(f"llmd agent {name} listening on {address}:{port}, offering {advert.devices}", flush=True)
+    stop_updates = threading.Event()
+    threading.Thread(target=advertise_free_memory, args=(state, advertiser, stop_updates), daemon=True).start()
     try:
         server.run(sockets=[sock])  # returns on SIGINT/SIGTERM
     finally:
+        stop_updates.set()
         state.stop()
         advertiser.unregister()
         zc.close()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
-from llmd.engine.errors import LlmdError
-from llmd.engine.plan import make_plan, parse_shares
+from llmd.engine.errors import LlmdError, ModelDoesNotFit
+from llmd.engine.memory import rank_bytes
+from llmd.engine.plan import Plan, make_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--port", type=int, default=0, help="control API port (default: any free one)")
     agent.add_argument("--devices", help="cpu:N to offer N CPU workers (default: every NVIDIA GPU, else cpu:1)")
     agent.add_argument("--threads", type=int, help="torch threads per CPU worker (default: cores / CPU workers)")
+    agent.add_argument("--memory-mb", type=int, help="the most RAM its CPU workers may use together (default: all free)")
     add_network_options(agent)
 
     peers = sub.add_parser("peers", help="list the agents on the LAN",
@@ -159,12 +161,29 @@ def start_cluster(args) -> tuple[Setup, Cluster, "Host | None"]:
             raise NoAgents(f"found {len(found)} agent(s) answering on the LAN within {args.discover_timeout:g} s, "
                            f"expected {args.expect}{hint}")
         chosen = found[: args.expect]
-        agents = [(host.client(s.peer), host.client(s.peer).get("/v1/health")["devices"]) for s in chosen]
+        health = [(s, host.client(s.peer).get("/v1/health")) for s in chosen]
+        agents = [(host.client(s.peer), h["devices"]) for s, h in health]
         setup = prepare(args, world_size=1 + sum(len(d) for _, d in agents))
+        check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
+                          for d, f in zip(h["devices"], h["device_free_mb"], strict=True)])
         return setup, RemoteCluster(setup.spec, args.model, agents, address), host
     except BaseException:
         host.close()
         raise
+
+
+def check_fit(setup: Setup, remote_devices: list[tuple[str, str, int]]) -> None:
+    """Every agent device (name, device, free MB), in rank order from rank 1, must hold its shard."""
+    cfg = ModelConfig.from_hf(load_hf_config(Path(setup.spec.model_dir)))
+    plan = Plan.from_dict(setup.spec.plan)
+    short = []
+    for shard, (name, device, free_mb) in zip(plan.ranks[1:], remote_devices, strict=True):
+        need_mb = rank_bytes(cfg, shard, setup.spec.context, setup.spec.slots) / 2**20
+        if need_mb > free_mb:
+            short.append(f"{name} {device} has {free_mb} MB free, rank {shard.rank} needs {need_mb:.0f} MB")
+    if short:
+        raise ModelDoesNotFit("the model does not fit the joined devices: " + "; ".join(short)
+                              + " (try a smaller --context, more agents, or uneven --shares)")
 
 
 def cmd_generate(args) -> int:
@@ -240,7 +259,7 @@ def cmd_agent(args) -> int:
     from .agent import run_agent
 
     run_agent(args.name, args.address or primary_address(), args.port, read_secret(args.secret_file), args.devices,
-              args.threads)
+              args.threads, args.memory_mb)
     return 0
 
 

@@ -25,9 +25,9 @@ def new_secret() -> str:
 
 
 def start_agent(name: str, secret: str, address: str = "127.0.0.1", devices: str = "cpu:1",
-                run_in=None) -> Agent:
+                run_in=None, extra: tuple[str, ...] = ()) -> Agent:
     """One agent; `run_in` (a netns Host's method) starts it inside a namespace."""
-    argv = [*CLI, "agent", "--name", name, "--address", address, "--devices", devices, "--threads", "1"]
+    argv = [*CLI, "agent", "--name", name, "--address", address, "--devices", devices, "--threads", "1", *extra]
     env = dict(os.environ, LLMD_POOL_SECRET=secret)
     popen = run_in or (lambda a, **kw: subprocess.Popen(a, **kw))
     proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)

@@ -140,3 +140,33 @@ def test_no_agents_is_a_clear_error(pool):
                   "--discover-timeout", "2", "hi", secret=secret)
     assert run.returncode != 0
     assert "llmd: error: found 0 agent(s)" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_model_that_does_not_fit_names_the_short_device(pool):
+    secret, start = pool
+    start("small", extra=("--memory-mb", "50"))
+    run = run_cli("generate", "--agents", "auto", "--expect", "1", "--address", "127.0.0.1", "--max-new-tokens", "4",
+                  "hi", secret=secret)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "does not fit" in run.stderr and "small cpu has 50 MB free, rank 1 needs" in run.stderr
+
+
+def test_an_agent_lost_mid_generation_is_a_clear_error(pool):
+    secret, start = pool
+    start("steady")
+    doomed = start("doomed")
+    proc = subprocess.Popen([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", "127.0.0.1",
+                             "--threads", "1", "--greedy", "--ignore-eos", "--max-new-tokens", "1500", "Once upon"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=host_env(secret))
+    try:
+        from netns import wait_for_output
+
+        wait_for_output(proc, r"\S", timeout=180)  # text is streaming
+        doomed.proc.kill()  # the agent and, with it, its worker
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        stop(proc)
+    assert proc.returncode not in (0, None)
+    err = stderr.decode()
+    assert "llmd: error:" in err and "Traceback" not in err
+    assert "worker" in err or "agent" in err
