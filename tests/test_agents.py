@@ -170,3 +170,15 @@ def test_an_agent_lost_mid_generation_is_a_clear_error(pool):
     err = stderr.decode()
     assert "llmd: error:" in err and "Traceback" not in err
     assert "worker" in err or "agent" in err
+
+
+def test_join_and_drop_a_peer(pool):
+    secret, start = pool
+    start("friend")
+    with Host(secret, "127.0.0.1") as host:
+        assert [s.peer.advert.name for s in host.wait_for_peers(1, timeout_s=10)] == ["friend"]
+        assert host.join("friend").joined
+        assert [s.peer.advert.name for s in host.peers() if s.joined] == ["friend"]
+        assert not host.drop("friend").joined
+        with pytest.raises(Exception, match="no agent named 'nobody'"):
+            host.join("nobody")
