@@ -119,7 +119,8 @@ def prepare(args, world_size: int | None = None) -> Setup:
     context = args.context or min(2048, limit)
     if not 1 < context <= limit:
         raise LlmdError(f"--context must be between 2 and {limit} for this model")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // (1 if args.__dict__.get("agents") else world_size))
+    local_ranks = 1 if getattr(args, "agents", None) else world_size  # with agents, only rank 0 runs here
+    threads = args.threads or max(1, (os.cpu_count() or 1) // local_ranks)
     spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, device=args.device,
                     context=context, threads=threads, timeout_s=args.timeout, compile=want_compile(args))
     return Setup(spec, world_size, TextModel.load(model_dir))
