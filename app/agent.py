@@ -25,7 +25,7 @@ from llmd.engine.worker import RankSpec
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
-from .net import die_with_parent, engine_env
+from .net import engine_env
 from .security import Verifier
 
 
@@ -106,8 +106,7 @@ class AgentState:
                 cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(),
                        "--master", f"{req.master_addr}:{req.master_port}"]
                 with open(log, "w") as f:
-                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                            preexec_fn=die_with_parent)
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
                 w = WorkerProcess(req.launch_id, r.rank, r.device, proc, log)
                 self.workers.append(w)
                 started.append(w.status())

@@ -23,7 +23,7 @@ from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
 
-from .net import die_with_parent, engine_env, free_port
+from .net import engine_env, free_port
 
 
 class Cluster:
@@ -126,8 +126,7 @@ class LocalCluster(Cluster):
         cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(), "--master", master]
         with open(log, "w") as f:
             self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL, pass_fds=self._wake_fds,
-                                               preexec_fn=die_with_parent))
+                                               stdin=subprocess.DEVNULL, pass_fds=self._wake_fds))
         self.logs.append(log)
 
     def after_connect(self) -> None:

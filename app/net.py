@@ -1,7 +1,5 @@
 """Which address and interface this machine uses on the LAN."""
 
-import ctypes
-import signal
 import socket
 
 import psutil
@@ -36,10 +34,3 @@ def engine_env(address: str) -> dict[str, str]:
     iface = interface_of(address)
     return {"GLOO_SOCKET_IFNAME": iface, "NCCL_SOCKET_IFNAME": iface} if iface else {}
 
-
-def die_with_parent() -> None:
-    """In a child before exec: end with the parent (Linux), so an agent or driver that dies leaves no worker."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass

@@ -6,7 +6,10 @@ runs `start_rank` in its own process as rank 0.
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -77,11 +80,26 @@ def connect(spec: RankSpec, store: dist.Store | None, world_size: int):
     return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s, spec.shm_path, spec.wake_fds)
 
 
+def exit_with_parent() -> None:
+    """A worker outlives nothing: when the process that started it (driver or agent) is gone,
+    however it died, the worker ends too. (PR_SET_PDEATHSIG fires when the starting *thread*
+    exits, which in an agent's thread pool happens mid-generation.)"""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="llmd-parent-watch", daemon=True).start()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="llmd engine worker (started by the driver or an agent)")
     parser.add_argument("--spec", required=True, help="RankSpec as JSON")
     parser.add_argument("--master", required=True, help="ADDR:PORT of the rendezvous store on the driver")
     args = parser.parse_args(argv)
+    exit_with_parent()
     spec = RankSpec(**json.loads(args.spec))
     world_size = len(spec.plan["ranks"])
     host, port = args.master.rsplit(":", 1)
