@@ -25,7 +25,7 @@ from llmd.engine.worker import RankSpec
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
-from .net import engine_env
+from .net import engine_env, worker_failure
 from .security import Verifier
 
 
@@ -60,9 +60,9 @@ class WorkerProcess:
 
     def status(self) -> dict:
         code = self.proc.poll()
-        lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return {"launch_id": self.launch_id, "rank": self.rank, "device": self.device, "pid": self.proc.pid,
-                "running": code is None, "exit_code": code, "last_line": lines[-1] if lines else ""}
+                "running": code is None, "exit_code": code, "last_line": worker_failure(text)}
 
 
 @dataclass

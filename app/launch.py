@@ -23,7 +23,7 @@ from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
 
-from .net import engine_env, free_port
+from .net import engine_env, free_port, worker_failure
 
 
 class Cluster:
@@ -141,8 +141,8 @@ class LocalCluster(Cluster):
         for rank, (proc, log) in enumerate(zip(self.procs, self.logs, strict=True), start=1):
             code = proc.poll()
             if code is not None:
-                lines = log.read_text(errors="replace").strip().splitlines()
-                why = f": {lines[-1]}" if lines else ""
+                line = worker_failure(log.read_text(errors="replace"))
+                why = f": {line}" if line else ""
                 raise WorkerLost(f"worker rank {rank} exited with code {code}{why}")
 
     def stop_other_ranks(self) -> None:

@@ -34,3 +34,14 @@ def engine_env(address: str) -> dict[str, str]:
     iface = interface_of(address)
     return {"GLOO_SOCKET_IFNAME": iface, "NCCL_SOCKET_IFNAME": iface} if iface else {}
 
+
+
+def worker_failure(log_text: str) -> str:
+    """The line of a worker's log that says why it stopped: its own error line if it wrote one,
+    else the last line that is not one of torch's warnings (`[W...]`)."""
+    lines = [line for line in log_text.strip().splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("llmd worker")]
+    if own:
+        return own[-1]
+    plain = [line for line in lines if not line.startswith("[W")]
+    return (plain or lines or [""])[-1]

@@ -38,3 +38,4 @@ def test_verifier_accepts_once_and_names_every_refusal():
     old[HEADER_TIME] = f"{time.time() - 31:.3f}"
     assert v.check("GET", "/v1/health", old, b"").startswith("stale")
     assert {HEADER_TIME, HEADER_NONCE, HEADER_SIG} <= set(h)
+
