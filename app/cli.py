@@ -12,8 +12,10 @@ from pathlib import Path
 
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
-from llmd.engine.errors import LlmdError, ModelDoesNotFit
+from llmd.engine.errors import LlmdError, ModelDoesNotFit, ModelNotFound
 from llmd.engine.memory import rank_bytes
+from llmd.engine.partition import describe, parse_device, parse_link, plan_partition
+from llmd.engine.presets import PRESETS, preset
 from llmd.engine.plan import Plan, make_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--threads", type=int, help="torch threads per CPU worker (default: cores / CPU workers)")
     agent.add_argument("--memory-mb", type=int, help="the most RAM its CPU workers may use together (default: all free)")
     add_network_options(agent)
+
+    plan = sub.add_parser("plan", help="plan how a model splits over devices, with predictions",
+                          description="Plan layers across hosts and heads across GPUs. "
+                                      "Example: llmd plan --model llama-3.1-70b --device ws1:rtx4090 "
+                                      "--device ws1:rtx4090 --weights int4")
+    plan.add_argument("--model", default="default", help="a shape preset (e.g. llama-3.1-8b), `default` or a HF dir")
+    plan.add_argument("--device", action="append", required=True, metavar="HOST:KIND",
+                      help="one per GPU, e.g. ws1:rtx4090 (kinds: rtx4090, rtx3090, a100-80gb, h100, cpu)")
+    plan.add_argument("--link", action="append", default=[], metavar="A-B:KIND",
+                      help="a link between hosts, e.g. ws1-ws2:10gbe (nvlink, pcie, 10gbe, 1gbe)")
+    plan.add_argument("--weights", default="bf16", choices=["fp32", "bf16", "fp16", "int8", "int4"])
+    plan.add_argument("--context", type=int, default=8192)
+    plan.add_argument("--stages", type=int, help="force this many pipeline stages")
+    plan.add_argument("--json", action="store_true")
 
     peers = sub.add_parser("peers", help="list the agents on the LAN",
                            description="List agents found over mDNS. Example: llmd peers --timeout 3 --json")
@@ -280,9 +296,28 @@ def cmd_peers(args) -> int:
     return 0
 
 
+def model_shape(spec: str) -> ModelConfig:
+    """A shape preset by name, else a model's own config."""
+    if spec in PRESETS:
+        return preset(spec)
+    try:
+        return ModelConfig.from_hf(load_hf_config(resolve_model(spec)))
+    except ModelNotFound as e:
+        raise ModelNotFound(f"{e}, or a preset: {', '.join(sorted(PRESETS))}") from None
+
+
+def cmd_plan(args) -> int:
+    devices = [parse_device(d) for d in args.device]
+    links = [parse_link(link) for link in args.link]
+    p = plan_partition(model_shape(args.model), devices, links, precision=args.weights, context=args.context,
+                       force_stages=args.stages)
+    print(json.dumps(p.to_dict()) if args.json else describe(p))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "chat": cmd_chat, "agent": cmd_agent, "peers": cmd_peers}
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "agent": cmd_agent, "peers": cmd_peers, "plan": cmd_plan}
     try:
         return commands[args.command](args)
     except LlmdError as e:
