@@ -16,7 +16,7 @@ from llmd.engine.errors import LlmdError, ModelDoesNotFit, ModelNotFound
 from llmd.engine.memory import rank_bytes
 from llmd.engine.partition import describe, parse_device, parse_link, plan_partition
 from llmd.engine.presets import PRESETS, preset
-from llmd.engine.plan import Plan, make_plan, parse_shares
+from llmd.engine.plan import Plan, make_pipeline_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
 
@@ -31,6 +31,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="`default` (bundled SmolLM2-135M-Instruct), a HF directory or a .gguf file")
     p.add_argument("--workers", type=int, default=1, help="number of ranks on this machine (default 1)")
     p.add_argument("--shares", help="relative share of each rank, e.g. 2,1 (default even)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="pipeline stages: ranks in this many contiguous groups, layers split between them")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--context", type=int, help="KV cache length in tokens (default min(2048, the model's))")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / workers)")
@@ -130,7 +132,7 @@ def prepare(args, world_size: int | None = None) -> Setup:
             raise LlmdError("--device cuda but no CUDA GPU is visible to torch")
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_hf(load_hf_config(model_dir))
-    plan = make_plan(cfg, parse_shares(args.shares, world_size))
+    plan = make_pipeline_plan(cfg, parse_shares(args.shares, world_size), args.stages)
     limit = min(cfg.max_positions, cfg.sliding_window or cfg.max_positions)
     context = args.context or min(2048, limit)
     if not 1 < context <= limit:

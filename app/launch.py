@@ -112,7 +112,7 @@ class LocalCluster(Cluster):
         self._logdir = tempfile.TemporaryDirectory(prefix="llmd-workers-")
 
     def start_other_ranks(self, address: str, port: int) -> None:
-        if self.spec.device == "cpu" and shm.available():
+        if self.spec.device == "cpu" and shm.available() and len(self.spec.plan["stages"]) == 1:
             self._shm_path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             shm.create_region(self._shm_path, self.world_size)
             self._wake_fds = shm.make_wake_fds(self.world_size)

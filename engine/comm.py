@@ -18,6 +18,7 @@ from .shm import SharedMemoryReducer
 class Solo:
     rank = 0
     world_size = 1
+    stage_size = 1
 
     def all_reduce(self, t: torch.Tensor) -> None:
         pass
@@ -34,7 +35,7 @@ class Solo:
 
 class Group:
     def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float,
-                 shm_path: str | None = None, wake_fds: list[int] | None = None):
+                 stages: list[list[int]], shm_path: str | None = None, wake_fds: list[int] | None = None):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
@@ -42,13 +43,25 @@ class Group:
         self.rank, self.world_size, self.device = rank, world_size, device
         # Idle time between requests is unbounded; a dead peer still breaks the socket at once.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        # Head-shard all-reduces stay inside a pipeline stage; every rank creates every group, in order.
+        groups = [dist.new_group(ranks) if len(stages) > 1 else dist.group.WORLD for ranks in stages]
+        mine = next(i for i, ranks in enumerate(stages) if rank in ranks)
+        self.stage_group, self.stage_size = groups[mine], len(stages[mine])
         self.shm = SharedMemoryReducer(shm_path, wake_fds, rank, world_size, timeout_s) if shm_path else None
 
     def all_reduce(self, t: torch.Tensor) -> None:
+        if self.stage_size == 1:
+            return
         if self.shm is not None and self.shm.fits(t):
             self.shm.all_reduce(t)
         else:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.stage_group)
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        dist.send(t.contiguous(), dst)
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        dist.recv(t, src)
 
     def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """Concatenate each rank's last-dim slice (of widths `sizes`) on rank 0; None elsewhere."""

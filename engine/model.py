@@ -34,14 +34,14 @@ class LayerWeights:
 
 @dataclass
 class ShardWeights:
-    embed: torch.Tensor  # [vocab_local, H]
-    lm_head: torch.Tensor  # [vocab_local, H]; the same tensor as embed when tied
-    final_norm: torch.Tensor  # [H]
-    layers: list[LayerWeights]
+    embed: torch.Tensor | None  # [vocab_local, H], on the first stage
+    lm_head: torch.Tensor | None  # [vocab_local, H], on the last stage; the embed tensor itself when tied
+    final_norm: torch.Tensor | None  # [H], on the last stage
+    layers: list[LayerWeights]  # this stage's layers
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.final_norm]
-        if self.lm_head is not self.embed:
+        out = [t for t in (self.embed, self.final_norm) if t is not None]
+        if self.lm_head is not None and self.lm_head is not self.embed:
             out.append(self.lm_head)
         for layer in self.layers:
             out += [t for t in vars(layer).values() if t is not None]
@@ -51,26 +51,36 @@ class ShardWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def load_shard(model_dir: Path, cfg: ModelConfig, shard: RankShard, dtype: torch.dtype, device: torch.device):
-    """Read only this rank's slices of the checkpoint (never the whole model).
+def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
+               device: torch.device) -> "ShardWeights":
+    """Read only this rank's slices of the checkpoint (never the whole model): its heads and
+    columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
+    the LM head (last stage).
 
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.
     """
+    shard, stage = plan.ranks[rank], plan.stage_of(rank)
+    first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
+
     def put(t):
         # A copy: a tensor read straight from the file would keep the whole file mapped.
         return t.to(device=device, dtype=dtype, copy=True).contiguous()
 
     layers = []
-    for i in range(cfg.num_layers):
+    for i in range(*stage.layers):
         with SliceReader(model_dir) as r:
             layers.append(load_layer(r, cfg, shard, i, put))
     with SliceReader(model_dir) as r:
         vocab = [shard.vocab_rows]
-        embed = put(r.rows("model.embed_tokens.weight", vocab))
         tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
-        lm_head = embed if tied else put(r.rows("lm_head.weight", vocab))
-        final_norm = put(r.whole("model.norm.weight"))
+        embed = put(r.rows("model.embed_tokens.weight", vocab)) if first or (last and tied) else None
+        lm_head = None
+        if last:
+            lm_head = embed if tied else put(r.rows("lm_head.weight", vocab))
+        final_norm = put(r.whole("model.norm.weight")) if last else None
+    if not first:
+        embed = None  # the last stage read the rows only as its tied LM head
     return ShardWeights(embed=embed, lm_head=lm_head, final_norm=final_norm, layers=layers)
 
 
@@ -187,10 +197,12 @@ class ShardedModel:
                  context: int, slots: int, dtype: torch.dtype, device: torch.device, compiled: bool = False):
         self.cfg, self.plan, self.comm, self.w = cfg, plan, comm, weights
         self.device = device
-        self.shard = plan.ranks[rank]
+        self.rank, self.shard, self.stage = rank, plan.ranks[rank], plan.stage_of(rank)
+        self.first, self.last = self.shard.stage == 0, self.shard.stage == len(plan.stages) - 1
         self.context, self.slots = context, slots
         self.nq, self.nkv = len(self.shard.q_heads), len(self.shard.kv_heads)
-        self.vocab_sizes = [r.num_vocab_rows for r in plan.ranks]
+        self.head_ranks = plan.stages[-1].ranks  # they hold the LM head, split by vocabulary rows
+        self.vocab_sizes = [plan.ranks[r].num_vocab_rows for r in self.head_ranks]
         self.cos, self.sin = rope_tables(hf_config, context, dtype, device)
         self.eager = Blocks()
         self.decode_blocks = Blocks.compiled() if compiled else self.eager
@@ -200,11 +212,11 @@ class ShardedModel:
         self.gqa = self.nq % self.nkv == 0 and kv_of_q == [i * self.nkv // self.nq for i in range(self.nq)]
         self.kv_of_q = torch.tensor(kv_of_q, device=device)
         shape = (slots, self.nkv, context, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.comm.world_size == 1:
+        if self.comm.stage_size == 1:
             return F.embedding(tokens, self.w.embed)
         start, end = self.shard.vocab_rows
         mine = (tokens >= start) & (tokens < end)
@@ -256,7 +268,7 @@ class ShardedModel:
         pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(S, device=tokens.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, S, D]
         mask = self.causal_mask(starts, S, tokens.device)
-        x = self.embed(tokens)  # [B, S, H]
+        x = self.stage_input(tokens)  # [B, S, H]
         for i, lw in enumerate(self.w.layers):
             q, k, v = blocks.qkv(x, lw.attn_norm, lw.wqkv, lw.bqkv, cos, sin, eps, self.nq, self.nkv, cfg.head_dim)
             y = blocks.out(self.attend(i, q, k, v, slots, starts, mask), lw.wo)  # [B, S, H], partial
@@ -265,13 +277,39 @@ class ShardedModel:
             y = blocks.mlp(x, lw.mlp_norm, lw.wgu, lw.bgu, lw.wdown, eps)  # [B, S, H], partial
             comm.all_reduce(y)
             x = x + (y if lw.bdown is None else y + lw.bdown)
-        if not all_logits:
-            x = x[:, -1:]  # [B, 1, H]
-        local = blocks.head(x, self.w.final_norm, self.w.lm_head, eps)  # [B, S or 1, vocab_local]
-        logits = comm.gather_to_driver(local, self.vocab_sizes)
+        logits = self.stage_output(x, blocks, all_logits)  # [B, S or 1, V] on rank 0, else None
         if logits is None or all_logits:
             return logits
         return logits[:, 0]  # [B, V]
+
+    def stage_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first stage embeds the tokens; a later one receives the hidden states from the one before."""
+        if self.first:
+            return self.embed(tokens)
+        B, S = tokens.shape
+        x = torch.empty(B, S, self.cfg.hidden_size, dtype=self.cos.dtype, device=tokens.device)
+        self.comm.recv(x, self.plan.stages[self.shard.stage - 1].leader)
+        return x
+
+    def stage_output(self, x: torch.Tensor, blocks: Blocks, all_logits: bool) -> torch.Tensor | None:
+        """Pass x [B, S, H] on to the next stage; the last stage's logits reach rank 0."""
+        if not self.last and self.rank == self.stage.leader:
+            for dst in self.plan.stages[self.shard.stage + 1].ranks:
+                self.comm.send(x, dst)
+        rows = x.shape[1] if all_logits else 1
+        if self.last:
+            local = blocks.head(x[:, -rows:], self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps)
+            if len(self.plan.stages) == 1:
+                return self.comm.gather_to_driver(local, self.vocab_sizes)
+            self.comm.send(local, 0)
+        if self.rank != 0:
+            return None
+        parts = []
+        for src, width in zip(self.head_ranks, self.vocab_sizes, strict=True):
+            part = torch.empty(x.shape[0], rows, width, dtype=x.dtype, device=x.device)
+            self.comm.recv(part, src)
+            parts.append(part)
+        return torch.cat(parts, dim=-1)  # [B, S', V]
 
     def clear_slot(self, slot: int) -> None:
         """Zero a released slot so the next user's chat cannot read it."""

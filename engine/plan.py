@@ -8,7 +8,7 @@ keeps a replica of the KV heads its query heads read.
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config import ModelConfig
 from .errors import BadPlan
@@ -20,7 +20,8 @@ class RankShard:
     kv_heads: list[int]
     q_heads: list[int]
     mlp_columns: tuple[int, int]  # [start, end) of the intermediate dimension
-    vocab_rows: tuple[int, int]  # [start, end) of the vocabulary
+    vocab_rows: tuple[int, int]  # [start, end) of the vocabulary, split among the ranks of its stage
+    stage: int = 0
 
     @property
     def num_mlp_columns(self) -> int:
@@ -32,9 +33,22 @@ class RankShard:
 
 
 @dataclass(frozen=True)
+class StageSpan:
+    """A pipeline stage: a contiguous range of layers, head-sharded over its ranks."""
+
+    layers: tuple[int, int]  # [start, end)
+    ranks: list[int]
+
+    @property
+    def leader(self) -> int:
+        return self.ranks[0]
+
+
+@dataclass(frozen=True)
 class Plan:
     shares: list[float]
     ranks: list[RankShard]
+    stages: list[StageSpan]
     epoch: int = 0
     kv_replicated: bool = field(default=False)
 
@@ -42,12 +56,16 @@ class Plan:
     def world_size(self) -> int:
         return len(self.ranks)
 
+    def stage_of(self, rank: int) -> StageSpan:
+        return self.stages[self.ranks[rank].stage]
+
     def to_dict(self) -> dict:
         return {
             "world_size": self.world_size,
             "shares": self.shares,
             "epoch": self.epoch,
             "kv_replicated": self.kv_replicated,
+            "stages": [{"layers": list(st.layers), "ranks": st.ranks} for st in self.stages],
             "ranks": [
                 {
                     "rank": r.rank,
@@ -55,6 +73,7 @@ class Plan:
                     "q_heads": r.q_heads,
                     "mlp_columns": list(r.mlp_columns),
                     "vocab_rows": list(r.vocab_rows),
+                    "stage": r.stage,
                 }
                 for r in self.ranks
             ],
@@ -72,10 +91,13 @@ class Plan:
                 q_heads=list(r["q_heads"]),
                 mlp_columns=tuple(r["mlp_columns"]),
                 vocab_rows=tuple(r["vocab_rows"]),
+                stage=r.get("stage", 0),
             )
             for r in d["ranks"]
         ]
-        return cls(shares=list(d["shares"]), ranks=ranks, epoch=d["epoch"], kv_replicated=d["kv_replicated"])
+        stages = [StageSpan(tuple(st["layers"]), list(st["ranks"])) for st in d["stages"]]
+        return cls(shares=list(d["shares"]), ranks=ranks, stages=stages, epoch=d["epoch"],
+                   kv_replicated=d["kv_replicated"])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -136,4 +158,24 @@ def make_plan(cfg: ModelConfig, shares: list[float]) -> Plan:
     mlp = contiguous_ranges(apportion(cfg.intermediate_size, shares))
     vocab = contiguous_ranges(apportion(cfg.vocab_size, shares))
     ranks = [RankShard(r, kv_heads[r], q_heads[r], mlp[r], vocab[r]) for r in range(n)]
-    return Plan(shares=list(shares), ranks=ranks, kv_replicated=replicated)
+    stages = [StageSpan((0, cfg.num_layers), list(range(n)))]
+    return Plan(shares=list(shares), ranks=ranks, stages=stages, kv_replicated=replicated)
+
+
+def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int) -> Plan:
+    """Ranks in `num_stages` contiguous stages (as even as can be); layers split by each stage's
+    total share; head-shard inside each stage by the ranks' own shares."""
+    n = len(shares)
+    if not 1 <= num_stages <= min(n, cfg.num_layers):
+        raise BadPlan(f"--stages must be between 1 and {min(n, cfg.num_layers)} for {n} workers")
+    if num_stages == 1:
+        return make_plan(cfg, shares)
+    rank_ranges = contiguous_ranges(apportion(n, [1.0] * num_stages))
+    layer_ranges = contiguous_ranges(apportion(cfg.num_layers, [sum(shares[a:b]) for a, b in rank_ranges]))
+    ranks, stages, replicated = [], [], False
+    for index, ((a, b), layers) in enumerate(zip(rank_ranges, layer_ranges, strict=True)):
+        local = make_plan(cfg, shares[a:b])
+        replicated |= local.kv_replicated
+        ranks += [replace(r, rank=a + r.rank, stage=index) for r in local.ranks]
+        stages.append(StageSpan(layers, list(range(a, b))))
+    return Plan(shares=list(shares), ranks=ranks, stages=stages, kv_replicated=replicated)

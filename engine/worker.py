@@ -63,7 +63,7 @@ def load_rank(spec: RankSpec):
     cfg = ModelConfig.from_hf(hf_config)
     plan = Plan.from_dict(spec.plan)
     device, dtype = device_of(spec), DTYPES[spec.dtype]
-    weights = load_shard(Path(spec.model_dir), cfg, plan.ranks[spec.rank], dtype, device)
+    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device)
     return cfg, hf_config, plan, weights, device, dtype
 
 
@@ -77,7 +77,8 @@ def connect(spec: RankSpec, store: dist.Store | None, world_size: int):
     if world_size == 1:
         return Solo()
     store.set(ready_key(spec.rank), "1")
-    return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s, spec.shm_path, spec.wake_fds)
+    stages = [st["ranks"] for st in spec.plan["stages"]]
+    return Group(store, spec.rank, world_size, device_of(spec), spec.timeout_s, stages, spec.shm_path, spec.wake_fds)
 
 
 def exit_with_parent() -> None:

@@ -53,6 +53,17 @@ def test_tiny_models_match_transformers(tiny_models, tmp_path, kind, workers, sh
         assert out["plan"]["kv_replicated"]
 
 
+@pytest.mark.parametrize("workers,stages,shares", [(2, 2, None), (3, 2, "2,1,1"), (3, 3, None)])
+def test_pipeline_stages_match_transformers(default_model_dir, tmp_path, workers, stages, shares):
+    out = run_and_compare(default_model_dir, tmp_path, workers, shares, "--stages", str(stages))
+    assert len(out["plan"]["stages"]) == stages
+
+
+def test_pipeline_with_head_shard_inside_a_stage_on_a_tiny_model(tiny_models, tmp_path):
+    out = run_and_compare(tiny_models["qwen2-bias"], tmp_path, 3, "1,1,2", "--stages", "2")
+    assert [st["ranks"] for st in out["plan"]["stages"]] == [[0, 1], [2]]
+
+
 def test_eager_decode_path_matches_too(tiny_models, tmp_path):
     run_and_compare(tiny_models["llama-gqa"], tmp_path, 2, None, "--compile", "off")
 

@@ -176,3 +176,27 @@ def test_any_plan_is_valid_and_round_trips(case):
     assert_valid(plan, cfg)
     assert Plan.from_json(plan.to_json()) == plan
     assert make_plan(cfg, shares) == plan  # deterministic
+
+
+
+def test_pipeline_plan_covers_every_layer_once_and_shards_each_stage():
+    from llmd.engine.plan import Plan, make_pipeline_plan
+
+    cfg = SMOL
+    plan = make_pipeline_plan(cfg, [1.0, 1.0, 2.0], 2)
+    assert [s.ranks for s in plan.stages] == [[0, 1], [2]]
+    layers = [i for s in plan.stages for i in range(*s.layers)]
+    assert layers == list(range(cfg.num_layers))
+    assert plan.stages[0].layers == (0, 15)  # both stages have a total share of 2
+    for index, stage in enumerate(plan.stages):
+        heads = sorted(q for r in stage.ranks for q in plan.ranks[r].q_heads)
+        assert heads == list(range(cfg.num_heads))
+        assert all(plan.ranks[r].stage == index for r in stage.ranks)
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_pipeline_plan_refuses_more_stages_than_workers():
+    from llmd.engine.plan import make_pipeline_plan
+
+    with pytest.raises(BadPlan, match="--stages"):
+        make_pipeline_plan(SMOL, [1.0, 1.0], 3)
