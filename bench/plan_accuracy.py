@@ -3,10 +3,10 @@
 One run: measure llmd's decode tokens/s on the bundled model for 1-3 workers in 1 or 2
 pipeline stages; calibrate once, from the 1-worker run, the device's effective bandwidth
 (weight bytes per token x tokens/s), and measure the link latency of the transports the
-engine uses (the shared-memory all-reduce inside one stage, gloo over loopback between
-stages); then ask the planner (engine/partition.py) for each shape and print predicted vs
-measured, with the error. Workers on one machine share its memory bus, so each of n
-workers is given 1/n of the calibrated bandwidth.
+engine uses (a shared-memory all-reduce among 2 and 3 processes inside one stage, gloo
+send/recv over loopback between stages); then ask the planner (engine/partition.py) for each shape and print predicted vs
+measured, with the error. Workers on one machine share its memory bus: the n ranks of a
+stage, which run at the same time, each get 1/n of the calibrated bandwidth.
 
     python bench/plan_accuracy.py [--new-tokens 64]
 """
@@ -77,8 +77,45 @@ def gloo_latency_us() -> float:
     return value
 
 
+def _reduce(rank: int, world: int, path: str, fds: list[int], out) -> None:
+    import torch
+
+    from llmd.engine.shm import SharedMemoryReducer
+
+    torch.set_num_threads(1)
+    reducer = SharedMemoryReducer(path, fds, rank, world, timeout_s=60)
+    t = torch.zeros(576)
+    for i in range(1200):
+        if i == 200:
+            start = time.perf_counter()
+        reducer.all_reduce(t)
+    if rank == 0:
+        out.put((time.perf_counter() - start) / 1000 * 1e6)
+
+
+def shm_all_reduce_us(world: int) -> float:
+    """One shared-memory all-reduce of a hidden state among `world` processes, microseconds."""
+    from llmd.engine import shm
+
+    path = f"/dev/shm/llmd-bench-{os.getpid()}"
+    shm.create_region(path, world)
+    fds = shm.make_wake_fds(world)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_reduce, args=(r, world, path, fds, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    value = out.get(timeout=120)
+    for p in procs:
+        p.join()
+    os.unlink(path)
+    return value
+
+
 def predict(cfg, workers: int, stages: int, bandwidth_gb_s: float, latency_us: float) -> float:
-    devices = [Device("local", "cpu", 24.0, bandwidth_gb_s / workers, 0.1) for _ in range(workers)]
+    # At batch 1 the stages run one after another, so only one stage's ranks share the memory bus.
+    concurrent = -(-workers // stages)
+    devices = [Device("local", "cpu", 24.0, bandwidth_gb_s / concurrent, 0.1) for _ in range(workers)]
     link = Link("local", "local", 10.0, latency_us, "loopback")
     p = plan_partition(cfg, devices, [link], precision="fp32", context=2048, force_stages=stages)
     return p.predicted["tokens_per_s"]
@@ -97,13 +134,14 @@ def main() -> None:
                                       context=2048).predicted["decode_s"] * 1e9  # bytes read at 1 GB/s
     bandwidth = one_worker_bytes * measured[(1, 1)] / 1e9
     gloo_us = gloo_latency_us()
-    shm_us = gloo_us / 10  # the shared-memory all-reduce: ~an order of magnitude below gloo (engine/shm.py)
+    shm_us = {n: shm_all_reduce_us(n) for n in (2, 3)}
     print(f"calibration: {bandwidth:.1f} GB/s effective (1 worker), gloo one-way {gloo_us:.0f} us, "
-          f"shared-memory all-reduce taken as {shm_us:.0f} us")
+          f"shared-memory all-reduce {shm_us[2]:.0f} us (2 ranks), {shm_us[3]:.0f} us (3 ranks)")
     print(f"{'workers':>7} {'stages':>6} {'measured':>9} {'predicted':>9} {'error':>7}")
     errors = []
     for (workers, stages), got in measured.items():
-        latency = shm_us if stages == 1 else gloo_us
+        # The planner's all-reduce costs 2 (n-1) link latencies; the measured call is the whole all-reduce.
+        latency = shm_us[workers] / (2 * (workers - 1)) if stages == 1 and workers > 1 else gloo_us
         want = predict(cfg, workers, stages, bandwidth, latency)
         errors.append(abs(want - got) / got)
         print(f"{workers:>7} {stages:>6} {got:>9.1f} {want:>9.1f} {(want - got) / got:>+7.0%}")
