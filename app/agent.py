@@ -74,18 +74,20 @@ class AgentState:
     verifier: Verifier
     threads: int | None = None  # torch threads per CPU worker; None: cores / CPU workers
     memory_cap_mb: int | None = None  # the most RAM the CPU workers may use, all together
+    workers: list[WorkerProcess] = field(default_factory=list)
+    logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llmd-agent-")))
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def device_free_mb(self) -> list[int]:
         """Free memory of each offered device: its GPU's, or a CPU worker's part of the RAM."""
-        gpus = {f"cuda:{g['index']}": g for g in inventory.read_gpu_samples()}
+        gpu_free = {}
+        if any(d != "cpu" for d in self.devices):  # one NVML read for all GPUs, and none without them
+            gpu_free = {f"cuda:{g.index}": g.memory_free_mb for g in inventory.read_inventory().gpus}
         ram = psutil.virtual_memory().available // 2**20
         if self.memory_cap_mb:
             ram = min(ram, self.memory_cap_mb)
         cpu_share = ram // max(self.devices.count("cpu"), 1)
-        return [cpu_share if d == "cpu" else gpus_free(gpus.get(d)) for d in self.devices]
-    workers: list[WorkerProcess] = field(default_factory=list)
-    logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llmd-agent-")))
-    lock: threading.Lock = field(default_factory=threading.Lock)
+        return [cpu_share if d == "cpu" else gpu_free.get(d, 0) for d in self.devices]
 
     def launch(self, req: LaunchRequest) -> list[dict]:
         model_dir = resolve_model(req.model)
@@ -182,13 +184,6 @@ def offered_devices(spec: str | None, inv) -> list[str]:
     if inv.gpus:
         return [f"cuda:{g.index}" for g in inv.gpus]
     return ["cpu"]
-
-
-def gpus_free(sample: dict | None) -> int:
-    if not sample:
-        return 0
-    total = next((g.memory_total_mb for g in inventory.read_inventory().gpus if g.index == sample["index"]), 0)
-    return max(total - sample["memory_used_mb"], 0)
 
 
 def advertise_free_memory(state: AgentState, advertiser: Advertiser, stop: threading.Event) -> None:
