@@ -10,11 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmd.engine.balancer import BalancerConfig
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
-from llmd.engine.errors import LlmdError, ModelDoesNotFit, ModelNotFound
+from llmd.engine.errors import BadPlan, LlmdError, ModelDoesNotFit, ModelNotFound
 from llmd.engine.memory import rank_bytes
-from llmd.engine.partition import describe, parse_device, parse_link, plan_partition
+from llmd.engine.partition import describe, load_plan, parse_device, parse_link, plan_partition
 from llmd.engine.presets import PRESETS, preset
 from llmd.engine.plan import Plan, make_pipeline_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
@@ -29,16 +30,25 @@ from .text import TextModel
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="`default` (bundled SmolLM2-135M-Instruct), a HF directory or a .gguf file")
-    p.add_argument("--workers", type=int, default=1, help="number of ranks on this machine (default 1)")
+    p.add_argument("--workers", type=int, help="number of ranks on this machine (default 1, or the plan's)")
     p.add_argument("--shares", help="relative share of each rank, e.g. 2,1 (default even)")
     p.add_argument("--stages", type=int, default=1,
                    help="pipeline stages: ranks in this many contiguous groups, layers split between them")
+    p.add_argument("--plan", metavar="FILE", help="run this plan: `llmd plan --json` output (or a plan from --json)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--context", type=int, help="KV cache length in tokens (default min(2048, the model's))")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / workers)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any rank may wait for another (default 120)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="compile the decode step (auto: on CPU when a C++ compiler is present)")
+    p.add_argument("--balance", choices=["off", "on"], default="off",
+                   help="move KV groups and MLP columns from slow ranks to fast ones while generating")
+    p.add_argument("--balance-threshold", type=float, default=0.10,
+                   help="rebalance when a rank's step time is off its stage's mean by more than this (default 0.10)")
+    p.add_argument("--balance-every", type=int, default=8, help="decode steps between two checks (default 8)")
+    p.add_argument("--balance-max-groups", type=int, default=1, help="KV groups moved per migration (default 1)")
+    p.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@STEP]",
+                   help="simulate a slow device: stretch RANK's compute time by FACTOR (from forward step STEP)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -57,7 +67,9 @@ def add_network_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret-file", help="the pool secret (default: $LLMD_POOL_SECRET, else the host's own)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions=()) -> argparse.ArgumentParser:
+    """The commands; each of `extensions(sub, add_engine_options, add_network_options)` adds more
+    (the web UI's `up` and `host`, from `ui/`, which may import `app/` but not the reverse)."""
     parser = argparse.ArgumentParser(prog="llmd", description="Pool the spare GPUs of an office into one LLM cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
     peers.add_argument("--json", action="store_true")
     add_network_options(peers)
+    for extend in extensions:  # they set `func` on their parsers
+        extend(sub, add_engine_options, add_network_options)
     return parser
 
 
@@ -116,13 +130,47 @@ class Setup:
     spec: RankSpec
     world_size: int
     text: TextModel
+    balancer: BalancerConfig | None = None
+
+
+def parse_slowdown(specs: list[str], world_size: int) -> list[list[float]]:
+    """["1:2@64"] -> [[1, 2.0, 64]]: rank 1 twice as slow from its 64th forward step."""
+    out = []
+    for spec in specs:
+        try:
+            rank, rest = spec.split(":", 1)
+            factor, _, step = rest.partition("@")
+            triple = [int(rank), float(factor), int(step or 0)]
+        except ValueError:
+            raise LlmdError(f"--slowdown must be RANK:FACTOR[@STEP], e.g. 1:2@64, got {spec!r}") from None
+        if not 0 <= triple[0] < world_size:
+            raise LlmdError(f"--slowdown names rank {triple[0]}, but the ranks are 0..{world_size - 1}")
+        if not 1 <= triple[1] <= 100 or triple[2] < 0:
+            raise LlmdError(f"--slowdown needs a factor from 1 to 100 and a step >= 0, got {spec!r}")
+        out.append(triple)
+    return out
+
+
+def balancer_config(args) -> BalancerConfig | None:
+    if args.balance == "off":
+        return None
+    return BalancerConfig(threshold=args.balance_threshold, check_every=args.balance_every,
+                          max_groups=args.balance_max_groups)
 
 
 def prepare(args, world_size: int | None = None) -> Setup:
     """Validate the options and resolve the model before any process starts."""
-    world_size = world_size or args.workers
+    model_dir = resolve_model(args.model)
+    cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+    plan = read_plan_file(args.plan, cfg) if args.plan else None
+    if plan and args.workers is not None and args.workers != plan.world_size:
+        raise LlmdError(f"--workers {args.workers} but {args.plan} has {plan.world_size} ranks; drop --workers")
+    if world_size is None:
+        world_size = args.workers if args.workers is not None else (plan.world_size if plan else 1)
     if world_size < 1:
         raise LlmdError("--workers must be at least 1")
+    if plan and plan.world_size != world_size:
+        raise LlmdError(f"{args.plan} has {plan.world_size} ranks but there are {world_size} (1 here + the agents' devices)")
     if not args.timeout > 0:
         raise LlmdError("--timeout must be a positive number of seconds")
     if args.device == "cuda":
@@ -130,18 +178,27 @@ def prepare(args, world_size: int | None = None) -> Setup:
 
         if not torch.cuda.is_available():
             raise LlmdError("--device cuda but no CUDA GPU is visible to torch")
-    model_dir = resolve_model(args.model)
-    cfg = ModelConfig.from_hf(load_hf_config(model_dir))
-    plan = make_pipeline_plan(cfg, parse_shares(args.shares, world_size), args.stages)
+    plan = plan or make_pipeline_plan(cfg, parse_shares(args.shares, world_size), args.stages)
     limit = min(cfg.max_positions, cfg.sliding_window or cfg.max_positions)
     context = args.context or min(2048, limit)
     if not 1 < context <= limit:
         raise LlmdError(f"--context must be between 2 and {limit} for this model")
     local_ranks = 1 if getattr(args, "agents", None) else world_size  # with agents, only rank 0 runs here
     threads = args.threads or max(1, (os.cpu_count() or 1) // local_ranks)
+    balancer = balancer_config(args)
     spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, device=args.device,
-                    context=context, threads=threads, timeout_s=args.timeout, compile=want_compile(args))
-    return Setup(spec, world_size, TextModel.load(model_dir))
+                    context=context, threads=threads, timeout_s=args.timeout,
+                    compile=want_compile(args), reshardable=balancer is not None,
+                    slowdown=parse_slowdown(args.slowdown, world_size))
+    return Setup(spec, world_size, TextModel.load(model_dir), balancer)
+
+
+def read_plan_file(path: str, cfg: ModelConfig) -> Plan:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BadPlan(f"cannot read the plan file {path}: {e.strerror}") from None
+    return load_plan(text, cfg, source=path)
 
 
 def want_compile(args) -> bool:
@@ -167,7 +224,7 @@ def start_cluster(args) -> tuple[Setup, Cluster, "Host | None"]:
     """Local workers, or (--agents auto) the agents discovered over mDNS."""
     if not args.agents:
         setup = prepare(args)
-        return setup, LocalCluster(setup.spec, setup.world_size), None
+        return setup, LocalCluster(setup.spec, setup.world_size, setup.balancer), None
     if args.expect < 1:
         raise LlmdError("--expect must be at least 1")
     address = args.address or primary_address()
@@ -185,7 +242,7 @@ def start_cluster(args) -> tuple[Setup, Cluster, "Host | None"]:
         setup = prepare(args, world_size=1 + sum(len(d) for _, d in agents))
         check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
                           for d, f in zip(h["devices"], h["device_free_mb"], strict=True)])
-        return setup, RemoteCluster(setup.spec, args.model, agents, address), host
+        return setup, RemoteCluster(setup.spec, args.model, agents, address, setup.balancer), host
     except BaseException:
         host.close()
         raise
@@ -197,7 +254,7 @@ def check_fit(setup: Setup, remote_devices: list[tuple[str, str, int]]) -> None:
     plan = Plan.from_dict(setup.spec.plan)
     short = []
     for shard, (name, device, free_mb) in zip(plan.ranks[1:], remote_devices, strict=True):
-        need_mb = rank_bytes(cfg, shard, setup.spec.context, setup.spec.slots) / 2**20
+        need_mb = rank_bytes(cfg, plan, shard.rank, setup.spec.context, setup.spec.slots) / 2**20
         if need_mb > free_mb:
             short.append(f"{name} {device} has {free_mb} MB free, rank {shard.rank} needs {need_mb:.0f} MB")
     if short:
@@ -223,6 +280,7 @@ def generate_on(args, setup: Setup, cluster: Cluster) -> int:
         stream = None if args.json else text.streamer(sys.stdout)
         gen = driver.generate(prompt_ids, params, on_token=stream, record_logits=bool(args.dump_logits))
         stats = driver.stats()
+        final_plan = driver.plan.to_dict()
     if args.dump_logits:
         save_logits(Path(args.dump_logits), gen)
     if not args.json:
@@ -238,6 +296,10 @@ def generate_on(args, setup: Setup, cluster: Cluster) -> int:
         "weights_mb_per_rank": [s["weights_mb"] for s in stats],
         "finish_reason": gen.finish_reason,
         "plan": setup.spec.plan,
+        "final_plan": final_plan,
+        "migrations": gen.migrations,
+        "rank_step_ms": gen.rank_step_ms,
+        "decode_step_ms": [round(t, 3) for t in gen.decode_step_ms],
     }))
     return 0
 
@@ -254,7 +316,7 @@ def cmd_chat(args) -> int:
     text = setup.text
     params = sampling_params(args, text)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    with LocalCluster(setup.spec, setup.world_size) as cluster:
+    with LocalCluster(setup.spec, setup.world_size, setup.balancer) as cluster:
         print(f"llmd: {Path(setup.spec.model_dir).name} on {setup.world_size} worker(s). "
               "Type a message; Ctrl-D to quit.", flush=True)
         while True:
@@ -317,11 +379,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, extensions=()) -> int:
+    args = build_parser(extensions).parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "agent": cmd_agent, "peers": cmd_peers, "plan": cmd_plan}
     try:
-        return commands[args.command](args)
+        return (getattr(args, "func", None) or commands[args.command])(args)
     except LlmdError as e:
         print(f"llmd: error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from llmd.engine.balancer import BalancerConfig
 from llmd.engine.errors import LlmdError, WorkerLost
 from llmd.engine.worker import RankSpec
 
@@ -123,9 +124,10 @@ class Host:
 class RemoteCluster(Cluster):
     """Rank 0 here; ranks 1.. on the agents' devices, in the order given."""
 
-    def __init__(self, spec: RankSpec, model: str, agents: list[tuple[AgentClient, list[str]]], address: str):
+    def __init__(self, spec: RankSpec, model: str, agents: list[tuple[AgentClient, list[str]]], address: str,
+                 balancer: BalancerConfig | None = None):
         world = 1 + sum(len(devices) for _, devices in agents)
-        super().__init__(spec, world, address)
+        super().__init__(spec, world, address, balancer)
         self.model, self.agents = model, agents
         self.launch_id = uuid.uuid4().hex[:12]
         self._launched: list[AgentClient] = []

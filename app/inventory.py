@@ -298,3 +298,34 @@ def device_summary(inv: Inventory, cpu_workers: int) -> str:
 def _cap(s: str) -> str:
     # Cut on bytes, not characters, and drop a multi-byte character split by the cut.
     return s.encode()[:TXT_MAX_BYTES].decode(errors="ignore")
+
+
+# ---- live CPU readings of engine processes (what a CPU "device" is doing) ----
+
+@dataclass(frozen=True)
+class ProcessSample:
+    cpu_pct: float  # percent of one core since the previous reading; above 100 with several threads
+    rss_mb: float
+
+
+def read_process_sample(proc: psutil.Process) -> ProcessSample | None:
+    """One reading of a worker process, None once it has exited. Keep the same `Process` object between
+    calls: psutil measures CPU time since the previous call on it (the first call reads 0)."""
+    try:
+        with proc.oneshot():
+            return ProcessSample(cpu_pct=proc.cpu_percent(interval=None), rss_mb=proc.memory_info().rss / MB)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def cpu_temperature_c() -> float | None:
+    """The CPU package temperature where the OS exposes one (often not in VMs)."""
+    read = getattr(psutil, "sensors_temperatures", None)
+    try:
+        sensors = read() if read else {}
+    except OSError:
+        return None
+    for key in ("coretemp", "k10temp", "cpu_thermal", "acpitz"):
+        if sensors.get(key):
+            return float(sensors[key][0].current)
+    return None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from llmd.engine import shm
+from llmd.engine.balancer import BalancerConfig
 from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
@@ -29,8 +30,9 @@ from .net import engine_env, free_port, worker_failure
 class Cluster:
     """Use as a context manager; `driver` runs steps once it is entered."""
 
-    def __init__(self, spec: RankSpec, world_size: int, address: str):
+    def __init__(self, spec: RankSpec, world_size: int, address: str, balancer: BalancerConfig | None = None):
         self.spec, self.world_size, self.address = spec, world_size, address
+        self.balancer = balancer
         self.driver: Driver | None = None
 
     def __enter__(self):
@@ -62,7 +64,7 @@ class Cluster:
             self._wait_ready(store)
         model = build_model(self.spec, loaded, connect(self.spec, store, self.world_size))
         self.after_connect()
-        self.driver = Driver(model, check_workers=self.check_workers)
+        self.driver = Driver(model, check_workers=self.check_workers, balancer=self.balancer)
         self.driver.warm_up()
 
     def _wait_ready(self, store: dist.Store) -> None:
@@ -103,22 +105,35 @@ class Cluster:
 class LocalCluster(Cluster):
     """N ranks on this machine over loopback, sharing memory for small all-reduces."""
 
-    def __init__(self, spec: RankSpec, world_size: int):
-        super().__init__(spec, world_size, "127.0.0.1")
+    def __init__(self, spec: RankSpec, world_size: int, balancer: BalancerConfig | None = None):
+        super().__init__(spec, world_size, "127.0.0.1", balancer)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        self._shm_path: str | None = None
+        self._shm_paths: list[str] = []
+        self._stage_shm: dict[int, tuple[str, list[int]]] = {}  # rank -> its stage's region and wake fds
         self._wake_fds: list[int] = []
         self._logdir = tempfile.TemporaryDirectory(prefix="llmd-workers-")
 
     def start_other_ranks(self, address: str, port: int) -> None:
-        if self.spec.device == "cpu" and shm.available() and len(self.spec.plan["stages"]) == 1:
-            self._shm_path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            shm.create_region(self._shm_path, self.world_size)
-            self._wake_fds = shm.make_wake_fds(self.world_size)
-            self.spec = replace(self.spec, shm_path=self._shm_path, wake_fds=self._wake_fds)
+        if self.spec.device == "cpu" and shm.available():
+            self._share_memory()
         for rank in range(1, self.world_size):
-            self._spawn(replace(self.spec, rank=rank), f"{address}:{port}")
+            self._spawn(self._rank_spec(rank), f"{address}:{port}")
+
+    def _share_memory(self) -> None:
+        """One shared-memory region per pipeline stage of several ranks, for its all-reduces."""
+        self._wake_fds = shm.make_wake_fds(self.world_size)  # one per rank, inherited by every worker
+        for index, stage in enumerate(self.spec.plan["stages"]):
+            if len(stage["ranks"]) > 1:
+                path = f"/dev/shm/llmd-{os.getpid()}-{uuid.uuid4().hex[:8]}-s{index}"
+                shm.create_region(path, len(stage["ranks"]))
+                self._shm_paths.append(path)
+                self._stage_shm.update({r: (path, [self._wake_fds[x] for x in stage["ranks"]]) for r in stage["ranks"]})
+        self.spec = self._rank_spec(0)
+
+    def _rank_spec(self, rank: int) -> RankSpec:
+        path, fds = self._stage_shm.get(rank, (None, None))
+        return replace(self.spec, rank=rank, shm_path=path, wake_fds=fds)
 
     def _spawn(self, spec: RankSpec, master: str) -> None:
         log = Path(self._logdir.name) / f"rank{spec.rank}.log"
@@ -133,9 +148,9 @@ class LocalCluster(Cluster):
         self._unlink_shm()  # every rank has mapped it by now; the mappings outlive the name
 
     def _unlink_shm(self) -> None:
-        if self._shm_path:
-            Path(self._shm_path).unlink(missing_ok=True)
-            self._shm_path = None
+        for path in self._shm_paths:
+            Path(path).unlink(missing_ok=True)
+        self._shm_paths = []
 
     def check_workers(self) -> None:
         for rank, (proc, log) in enumerate(zip(self.procs, self.logs, strict=True), start=1):

@@ -15,7 +15,7 @@ import time
 from llmd.app.inventory import read_gpu_samples, read_inventory
 
 SAMPLES = 3
-GENERATE = [sys.executable, "-m", "llmd.app.cli", "generate", "--device", "cuda", "--greedy",
+GENERATE = [sys.executable, "-m", "llmd", "generate", "--device", "cuda", "--greedy",
             "--max-new-tokens", "16", "--json"]
 
 

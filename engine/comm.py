@@ -43,11 +43,15 @@ class Group:
         self.rank, self.world_size, self.device = rank, world_size, device
         # Idle time between requests is unbounded; a dead peer still breaks the socket at once.
         self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        # The balancer's KV transfers run in a background thread while steps go on: their own group.
+        self.migration = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         # Head-shard all-reduces stay inside a pipeline stage; every rank creates every group, in order.
         groups = [dist.new_group(ranks) if len(stages) > 1 else dist.group.WORLD for ranks in stages]
         mine = next(i for i, ranks in enumerate(stages) if rank in ranks)
         self.stage_group, self.stage_size = groups[mine], len(stages[mine])
-        self.shm = SharedMemoryReducer(shm_path, wake_fds, rank, world_size, timeout_s) if shm_path else None
+        # The stage's ranks on this machine share a memory region: rank `i` of the stage is slot `i`.
+        local = stages[mine].index(rank)
+        self.shm = SharedMemoryReducer(shm_path, wake_fds, local, self.stage_size, timeout_s) if shm_path else None
 
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.stage_size == 1:
@@ -62,6 +66,17 @@ class Group:
 
     def recv(self, t: torch.Tensor, src: int) -> None:
         dist.recv(t, src)
+
+    def send_migration(self, t: torch.Tensor, dst: int) -> None:
+        dist.send(t.cpu().contiguous(), dst, group=self.migration)
+
+    def recv_migration(self, t: torch.Tensor, src: int) -> None:
+        if t.device.type == "cpu":
+            dist.recv(t, src, group=self.migration)
+            return
+        staging = torch.empty_like(t, device="cpu")  # the migration group is gloo, on every backend
+        dist.recv(staging, src, group=self.migration)
+        t.copy_(staging)
 
     def gather_to_driver(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
         """Concatenate each rank's last-dim slice (of widths `sizes`) on rank 0; None elsewhere."""

@@ -6,6 +6,9 @@ KV heads, its MLP columns and its vocabulary rows. Two all-reduces per layer
 embedding lookup. The KV cache is static: [slots, local KV heads, context, head_dim].
 """
 
+import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +24,10 @@ from .plan import Plan, RankShard
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H]
-    wqkv: torch.Tensor  # [(q_local + 2 * kv_local) * D, H]
-    bqkv: torch.Tensor | None
+    wq: torch.Tensor  # [q_local * D, H]
+    bq: torch.Tensor | None
+    wkv: torch.Tensor  # [2 * kv_local * D, H]: k rows then v rows
+    bkv: torch.Tensor | None
     wo: torch.Tensor  # [H, q_local * D]
     bo: torch.Tensor | None  # full, added once after the all-reduce
     mlp_norm: torch.Tensor  # [H]
@@ -52,10 +57,11 @@ class ShardWeights:
 
 
 def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
-               device: torch.device) -> "ShardWeights":
+               device: torch.device, after_layer=None) -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
-    the LM head (last stage).
+    the LM head (last stage). `after_layer(seconds)` is called after each layer is read, with
+    the time it took: the balancer paces its background loads with it.
 
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.
@@ -69,8 +75,11 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
 
     layers = []
     for i in range(*stage.layers):
+        t = time.perf_counter()
         with SliceReader(model_dir) as r:
             layers.append(load_layer(r, cfg, shard, i, put))
+        if after_layer:
+            after_layer(time.perf_counter() - t)
     with SliceReader(model_dir) as r:
         vocab = [shard.vocab_rows]
         tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
@@ -90,17 +99,18 @@ def load_layer(r: SliceReader, cfg: ModelConfig, shard: RankShard, i: int, put) 
     p = f"model.layers.{i}."
     a, m = p + "self_attn.", p + "mlp."
 
-    def qkv(kind: str):
-        return torch.cat([r.rows(a + f"q_proj.{kind}", q_rows), r.rows(a + f"k_proj.{kind}", kv_rows),
-                          r.rows(a + f"v_proj.{kind}", kv_rows)])
+    def kv(kind: str):
+        return torch.cat([r.rows(a + f"k_proj.{kind}", kv_rows), r.rows(a + f"v_proj.{kind}", kv_rows)])
 
     def gate_up(kind: str):
         return torch.cat([r.rows(m + f"gate_proj.{kind}", cols), r.rows(m + f"up_proj.{kind}", cols)])
 
     return LayerWeights(
         attn_norm=put(r.whole(p + "input_layernorm.weight")),
-        wqkv=put(qkv("weight")),
-        bqkv=put(qkv("bias")) if cfg.qkv_bias else None,
+        wq=put(r.rows(a + "q_proj.weight", q_rows)),
+        bq=put(r.rows(a + "q_proj.bias", q_rows)) if cfg.qkv_bias else None,
+        wkv=put(kv("weight")),
+        bkv=put(kv("bias")) if cfg.qkv_bias else None,
         wo=put(r.cols(a + "o_proj.weight", q_rows)),
         bo=put(r.whole(a + "o_proj.bias")) if cfg.o_bias else None,
         mlp_norm=put(r.whole(p + "post_attention_layernorm.weight")),
@@ -147,14 +157,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def qkv_block(x, norm_w, wqkv, bqkv, cos, sin, eps: float, nq: int, nkv: int, D: int):
-    """Norm, fused QKV projection and RoPE: x [B, S, H] -> q [B, nq, S, D], k and v [B, nkv, S, D]."""
+def qkv_block(x, norm_w, wq, bq, wkv, bkv, cos, sin, eps: float, D: int):
+    """Norm, Q and KV projections and RoPE: x [B, S, H] -> q [B, nq, S, D], k and v [B, nkv, S, D].
+    Head counts come from the weights' shapes, so a compiled block follows the balancer's moves."""
     B, S, _ = x.shape
-    qkv = proj(rms_norm(x, norm_w, eps), wqkv, bqkv)  # [B, S, (nq + 2 nkv) * D]
-    q, k, v = qkv.split([nq * D, nkv * D, nkv * D], dim=-1)
-    q = rotate(q.view(B, S, nq, D).transpose(1, 2), cos, sin)
-    k = rotate(k.view(B, S, nkv, D).transpose(1, 2), cos, sin)
-    return q, k, v.view(B, S, nkv, D).transpose(1, 2)
+    h = rms_norm(x, norm_w, eps)
+    q = proj(h, wq, bq)  # [B, S, nq * D]
+    k, v = proj(h, wkv, bkv).chunk(2, dim=-1)  # [B, S, nkv * D] each
+    q = rotate(q.view(B, S, -1, D).transpose(1, 2), cos, sin)
+    k = rotate(k.view(B, S, -1, D).transpose(1, 2), cos, sin)
+    return q, k, v.view(B, S, -1, D).transpose(1, 2)
 
 
 def out_block(attn, wo):
@@ -185,35 +197,125 @@ class Blocks:
     head: object = head_block
 
     @classmethod
-    def compiled(cls) -> "Blocks":
+    def compiled(cls, reshardable: bool = False) -> "Blocks":
+        """Compiled for this rank's shapes; `reshardable`: the sharded dimensions stay symbolic, so the
+        balancer's moves (other head counts, column and row ranges) reuse the same compiled code."""
         c = lambda f: torch.compile(f, dynamic=False)
-        return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
+        if not reshardable:
+            return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
+        return cls(symbolic(c(qkv_block), {2: 0, 3: 0, 4: 0, 5: 0}), symbolic(c(out_block), {0: 1, 1: 1}),
+                   symbolic(c(mlp_block), {2: 0, 3: 0, 4: 1}), symbolic(c(head_block), {2: 0}))
+
+
+def symbolic(fn, dims: dict[int, int]):
+    """Call `fn` with dimension dims[i] of tensor argument i marked dynamic. A dimension of size 1
+    cannot be (the compiler specialises it): a move to or from one head recompiles once."""
+    def call(*args):
+        for i, dim in dims.items():
+            if isinstance(args[i], torch.Tensor) and args[i].shape[dim] > 1:
+                torch._dynamo.mark_dynamic(args[i], dim)
+        return fn(*args)
+
+    return call
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """A simulated slow device: compute time stretched by `factor` from forward step `from_step` on."""
+
+    factor: float = 1.0
+    from_step: int = 0
+
+
+class StepClock:
+    """This rank's compute time per step, without the time it waits in collectives; and, when asked,
+    a slower device simulated by sleeping (factor - 1) x each compute stretch before its collective."""
+
+    def __init__(self, slowdown: Slowdown = Slowdown()):
+        self.slowdown = slowdown
+        self.steps = 0  # forward steps counted so far (the warm-up is not)
+        self.window: deque[float] = deque(maxlen=1024)  # compute seconds since the driver last asked
+        self.recent: deque[float] = deque(maxlen=32)
+
+    def start(self) -> None:
+        self.t0 = self.mark = time.perf_counter()
+        self.waited = 0.0
+        self.stretch = self.slowdown.factor if self.steps + 1 >= self.slowdown.from_step else 1.0
+
+    @contextmanager
+    def waiting(self):
+        """Around a collective: the compute before it is stretched, the wait inside it not counted."""
+        self._stretch_compute()
+        t = time.perf_counter()
+        yield
+        self.mark = time.perf_counter()
+        self.waited += self.mark - t
+
+    def _stretch_compute(self) -> None:
+        if self.stretch > 1.0:
+            time.sleep((time.perf_counter() - self.mark) * (self.stretch - 1.0))
+
+    def stop(self, counted: bool) -> None:
+        self._stretch_compute()
+        if counted:
+            compute = time.perf_counter() - self.t0 - self.waited
+            self.window.append(compute)
+            self.recent.append(compute)
+            self.steps += 1
 
 
 class ShardedModel:
     """The forward pass of one rank, with its static KV cache."""
 
     def __init__(self, cfg: ModelConfig, hf_config, plan: Plan, rank: int, weights: ShardWeights, comm,
-                 context: int, slots: int, dtype: torch.dtype, device: torch.device, compiled: bool = False):
-        self.cfg, self.plan, self.comm, self.w = cfg, plan, comm, weights
-        self.device = device
-        self.rank, self.shard, self.stage = rank, plan.ranks[rank], plan.stage_of(rank)
-        self.first, self.last = self.shard.stage == 0, self.shard.stage == len(plan.stages) - 1
+                 context: int, slots: int, dtype: torch.dtype, device: torch.device, compiled: bool = False,
+                 slowdown: Slowdown = Slowdown(), reshardable: bool = False):
+        self.cfg, self.comm, self.rank = cfg, comm, rank
+        self.device, self.dtype = device, dtype
         self.context, self.slots = context, slots
+        self.cos, self.sin = rope_tables(hf_config, context, dtype, device)
+        self.eager = Blocks()
+        self.decode_blocks = Blocks.compiled(reshardable) if compiled else self.eager
+        self.clock = StepClock(slowdown)
+        self.filled = [0] * slots  # positions written per KV slot
+        self.load = None  # plan -> this rank's ShardWeights, set by the worker; the balancer reloads with it
+        shape = (slots, len(plan.ranks[rank].kv_heads), context, cfg.head_dim)
+        caches = ([torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers],
+                  [torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers])
+        self.adopt(plan, weights, *caches)
+        if compiled and reshardable:
+            self.compile_head_counts()
+
+    def compile_head_counts(self) -> None:
+        """Compile now for one and for two KV heads per rank: the compiler treats a dimension of 1 as
+        a case of its own, so a move to a single KV head would otherwise recompile mid-generation."""
+        cfg, D, H = self.cfg, self.cfg.head_dim, self.cfg.hidden_size
+        zeros = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)
+        norm = zeros(H) + 1  # weights are ordinary tensors, activations inference tensors, as in forward
+        for nkv in (1, 2):
+            nq = nkv * cfg.group_size
+            wq, wkv, wo = zeros(nq * D, H), zeros(2 * nkv * D, H), zeros(H, nq * D)
+            with torch.inference_mode():  # the compiled code is guarded on it, and on each tensor's kind
+                x = zeros(1, 1, H)
+                cos, sin = self.cos[:1].view(1, 1, 1, D).clone(), self.sin[:1].view(1, 1, 1, D).clone()
+                q, _, _ = self.decode_blocks.qkv(x, norm, wq, None, wkv, None, cos, sin, cfg.rms_norm_eps, D)
+                self.decode_blocks.out(q, wo)
+
+    def adopt(self, plan: Plan, weights: ShardWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]):
+        """Take a plan epoch's shard: at start, and when the balancer switches every rank at once."""
+        cfg = self.cfg
+        self.plan, self.w = plan, weights
+        self.shard, self.stage = plan.ranks[self.rank], plan.stage_of(self.rank)
+        self.first, self.last = self.shard.stage == 0, self.shard.stage == len(plan.stages) - 1
         self.nq, self.nkv = len(self.shard.q_heads), len(self.shard.kv_heads)
         self.head_ranks = plan.stages[-1].ranks  # they hold the LM head, split by vocabulary rows
         self.vocab_sizes = [plan.ranks[r].num_vocab_rows for r in self.head_ranks]
-        self.cos, self.sin = rope_tables(hf_config, context, dtype, device)
-        self.eager = Blocks()
-        self.decode_blocks = Blocks.compiled() if compiled else self.eager
         # Which local KV head each local query head reads; uniform groups use SDPA's GQA directly.
         kv_local = {h: i for i, h in enumerate(self.shard.kv_heads)}
         kv_of_q = [kv_local[q // cfg.group_size] for q in self.shard.q_heads]
         self.gqa = self.nq % self.nkv == 0 and kv_of_q == [i * self.nkv // self.nq for i in range(self.nq)]
-        self.kv_of_q = torch.tensor(kv_of_q, device=device)
-        shape = (slots, self.nkv, context, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers]
+        self.kv_of_q = torch.tensor(kv_of_q, device=self.device)
+        self.k_cache, self.v_cache = k_cache, v_cache
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.comm.stage_size == 1:
@@ -222,8 +324,12 @@ class ShardedModel:
         mine = (tokens >= start) & (tokens < end)
         x = F.embedding((tokens - start).clamp(0, end - start - 1), self.w.embed)  # [B, S, H]
         x = x * mine.unsqueeze(-1).to(x.dtype)  # zero where another rank holds the row
-        self.comm.all_reduce(x)
+        self.all_reduce(x)
         return x
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        with self.clock.waiting():
+            self.comm.all_reduce(t)
 
     def attend(self, layer: int, q, k, v, slots: list[int], starts: list[int], mask):
         """Write k, v [B, nkv, S, D] into the cache and attend: q [B, nq, S, D] -> [B, nq, S, D]."""
@@ -232,6 +338,7 @@ class ShardedModel:
         for b, (slot, p) in enumerate(zip(slots, starts)):
             kc[slot, :, p : p + S] = k[b]
             vc[slot, :, p : p + S] = v[b]
+            self.filled[slot] = max(self.filled[slot], p + S)
         length = max(starts) + S
         if len(slots) == 1:
             keys = kc[slots[0] : slots[0] + 1, :, :length]  # [1, nkv, L, D], a view
@@ -257,25 +364,34 @@ class ShardedModel:
         return mask[:, None]
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False):
+    def forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool = False,
+                counted: bool = True):
         """tokens [B, S] at positions starts[b] + i in KV slots[b] -> logits on rank 0, else None.
 
         Logits are [B, S, V] with `all_logits`, else [B, V] for each row's last position.
+        `counted`: whether the step counts for the balancer's clock (the warm-up does not).
         """
+        self.clock.start()
+        try:
+            return self._forward(tokens, slots, starts, all_logits)
+        finally:
+            self.clock.stop(counted)
+
+    def _forward(self, tokens: torch.Tensor, slots: list[int], starts: list[int], all_logits: bool):
         B, S = tokens.shape
-        cfg, eps, comm = self.cfg, self.cfg.rms_norm_eps, self.comm
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
         blocks = self.decode_blocks if S == 1 else self.eager
         pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(S, device=tokens.device)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, S, D]
         mask = self.causal_mask(starts, S, tokens.device)
         x = self.stage_input(tokens)  # [B, S, H]
         for i, lw in enumerate(self.w.layers):
-            q, k, v = blocks.qkv(x, lw.attn_norm, lw.wqkv, lw.bqkv, cos, sin, eps, self.nq, self.nkv, cfg.head_dim)
+            q, k, v = blocks.qkv(x, lw.attn_norm, lw.wq, lw.bq, lw.wkv, lw.bkv, cos, sin, eps, cfg.head_dim)
             y = blocks.out(self.attend(i, q, k, v, slots, starts, mask), lw.wo)  # [B, S, H], partial
-            comm.all_reduce(y)
+            self.all_reduce(y)
             x = x + (y if lw.bo is None else y + lw.bo)
             y = blocks.mlp(x, lw.mlp_norm, lw.wgu, lw.bgu, lw.wdown, eps)  # [B, S, H], partial
-            comm.all_reduce(y)
+            self.all_reduce(y)
             x = x + (y if lw.bdown is None else y + lw.bdown)
         logits = self.stage_output(x, blocks, all_logits)  # [B, S or 1, V] on rank 0, else None
         if logits is None or all_logits:
@@ -288,27 +404,31 @@ class ShardedModel:
             return self.embed(tokens)
         B, S = tokens.shape
         x = torch.empty(B, S, self.cfg.hidden_size, dtype=self.cos.dtype, device=tokens.device)
-        self.comm.recv(x, self.plan.stages[self.shard.stage - 1].leader)
+        with self.clock.waiting():
+            self.comm.recv(x, self.plan.stages[self.shard.stage - 1].leader)
         return x
 
     def stage_output(self, x: torch.Tensor, blocks: Blocks, all_logits: bool) -> torch.Tensor | None:
         """Pass x [B, S, H] on to the next stage; the last stage's logits reach rank 0."""
         if not self.last and self.rank == self.stage.leader:
-            for dst in self.plan.stages[self.shard.stage + 1].ranks:
-                self.comm.send(x, dst)
+            with self.clock.waiting():
+                for dst in self.plan.stages[self.shard.stage + 1].ranks:
+                    self.comm.send(x, dst)
         rows = x.shape[1] if all_logits else 1
         if self.last:
             local = blocks.head(x[:, -rows:], self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps)
-            if len(self.plan.stages) == 1:
-                return self.comm.gather_to_driver(local, self.vocab_sizes)
-            self.comm.send(local, 0)
+            with self.clock.waiting():
+                if len(self.plan.stages) == 1:
+                    return self.comm.gather_to_driver(local, self.vocab_sizes)
+                self.comm.send(local, 0)
         if self.rank != 0:
             return None
         parts = []
-        for src, width in zip(self.head_ranks, self.vocab_sizes, strict=True):
-            part = torch.empty(x.shape[0], rows, width, dtype=x.dtype, device=x.device)
-            self.comm.recv(part, src)
-            parts.append(part)
+        with self.clock.waiting():
+            for src, width in zip(self.head_ranks, self.vocab_sizes, strict=True):
+                part = torch.empty(x.shape[0], rows, width, dtype=x.dtype, device=x.device)
+                self.comm.recv(part, src)
+                parts.append(part)
         return torch.cat(parts, dim=-1)  # [B, S', V]
 
     def clear_slot(self, slot: int) -> None:
@@ -316,3 +436,4 @@ class ShardedModel:
         for kc, vc in zip(self.k_cache, self.v_cache):
             kc[slot].zero_()
             vc[slot].zero_()
+        self.filled[slot] = 0

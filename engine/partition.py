@@ -26,19 +26,25 @@ A device fits when the sum is at most its capacity.
 Prediction (decode at batch 1, memory-bound; bandwidths in GB/s = 1e9 bytes/s):
   hidden_bytes     = hidden_size * activation bytes (2; 4 for fp32)
   allreduce(stage) = 2*(n-1)/n * hidden_bytes / link_bw + 2*(n-1) * link_latency, 0 when n == 1,
-                     over the slowest link between the stage's hosts
+                     over the slowest link between the stage's hosts (its allreduce_latency_us
+                     when given: shared memory between processes on one machine)
   decode time      = sum over stages of (max over its ranks of weight_bytes_read / bandwidth
                      + 2 * layers_in_stage * allreduce(stage))
                      + (stages - 1) * (hidden_bytes / link_bw + link_latency)
+                     + driver: with more than one rank, the driver (rank 0, first stage) sends each
+                       step's header to every rank (2 latencies of the farthest link) and collects
+                       the fp32 logits: vocab_size * 4 bytes from the last stage, or the part not
+                       its own when there is one stage; / link_bw + link_latency
   tokens_per_s     = 1 / decode time
   weight_bytes_read counts only the active experts of an MoE and the LM head, not the embedding
   table (one row of it is read per token); KV-cache reads are left out.
   ttft             = sum over stages of the max over its ranks of
                      prompt_tokens * 2 * active_params_on_rank / (tflops * 1e12)
                      + (stages - 1) * (prompt_tokens * hidden_bytes / link_bw + link_latency)
+                     + the driver's step, as in decode time
   bytes_per_token  = per link, bytes on the wire per decode token: inside a stage the ring
                      all-reduces (n ranks each send 2*(n-1)/n * hidden_bytes, twice per layer),
-                     between stages one hidden state.
+                     between stages one hidden state, and the logits back to the driver.
 """
 
 import json
@@ -47,7 +53,7 @@ from itertools import pairwise
 
 from .config import ModelConfig
 from .errors import BadPlan
-from .plan import Plan, RankShard, apportion, contiguous_ranges, make_plan
+from .plan import Plan, RankShard, StageSpan, apportion, check_plan, contiguous_ranges, make_plan
 from .presets import MoE, device_kind, moe_of
 
 GB = 1e9
@@ -74,6 +80,9 @@ class Link:
     bandwidth_gb_s: float
     latency_us: float
     kind: str
+    # One step of an all-reduce, where it differs from a message's latency (processes on one
+    # machine all-reduce through shared memory but send through sockets); None: latency_us.
+    allreduce_latency_us: float | None = None
 
 
 LINK_KINDS: dict[str, tuple[float, float]] = {  # kind -> (GB/s, microseconds)
@@ -203,6 +212,14 @@ class Partition:
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
 
+    def engine_plan(self) -> Plan:
+        """The plan the engine runs: each stage's shards under their global rank numbers."""
+        ranks = [replace(s.plan.ranks[local], rank=g, stage=s.index)
+                 for s in self.stages for local, g in enumerate(s.ranks)]
+        return Plan(shares=[r.device.bandwidth_gb_s for r in self.ranks], ranks=ranks,
+                    stages=[StageSpan(s.layers, list(s.ranks)) for s in self.stages],
+                    kv_replicated=any(s.plan.kv_replicated for s in self.stages))
+
     @classmethod
     def from_dict(cls, d: dict) -> "Partition":
         stages = [
@@ -315,7 +332,24 @@ def memory_use(
 def allreduce_s(n: int, hidden_bytes: int, link: Link) -> float:
     if n == 1:
         return 0.0
-    return 2 * (n - 1) / n * hidden_bytes / (link.bandwidth_gb_s * GB) + 2 * (n - 1) * link.latency_us * 1e-6
+    latency = link.latency_us if link.allreduce_latency_us is None else link.allreduce_latency_us
+    return 2 * (n - 1) / n * hidden_bytes / (link.bandwidth_gb_s * GB) + 2 * (n - 1) * latency * 1e-6
+
+
+def driver_s(cfg: ModelConfig, stages: list[Stage], links: list[Link]) -> tuple[float, str, int]:
+    """Per step, the driver (rank 0, first stage) broadcasts the step header and payload to every rank
+    and collects the fp32 logits of the last stage: (seconds, link kind, logits bytes on the wire)."""
+    hosts = list(dict.fromkeys(h for s in stages for h in s.hosts))
+    if sum(len(s.ranks) for s in stages) == 1:
+        return 0.0, "", 0
+    control = 2 * max(link_between(stages[0].hosts[0], h, links).latency_us for h in hosts) * 1e-6
+    last = stages[-1]
+    if len(stages) == 1:  # gathered from the stage's ranks; rank 0's own rows stay put
+        share = last.plan.ranks[0].num_vocab_rows / cfg.vocab_size
+        link, logits = slowest_link(last.hosts, links), round(cfg.vocab_size * 4 * (1 - share))
+    else:
+        link, logits = link_between(last.hosts[-1], stages[0].hosts[0], links), cfg.vocab_size * 4
+    return control + logits / (link.bandwidth_gb_s * GB) + link.latency_us * 1e-6, link.kind, logits
 
 
 def pipeline_link(a: Stage, b: Stage, links: list[Link]) -> Link:
@@ -344,6 +378,10 @@ def predict(
         decode_s += hidden_bytes / (link.bandwidth_gb_s * GB) + link.latency_us * 1e-6
         ttft_s += prompt_tokens * hidden_bytes / (link.bandwidth_gb_s * GB) + link.latency_us * 1e-6
         wire[f"stage{a.index}->stage{b.index}({link.kind})"] = hidden_bytes
+    driver, kind, logits = driver_s(cfg, stages, links)
+    decode_s, ttft_s = decode_s + driver, ttft_s + driver
+    if logits:
+        wire[f"stage{last}->driver({kind})"] = logits
     return {"tokens_per_s": 1.0 / decode_s, "ttft_s": ttft_s, "decode_s": decode_s, "bytes_per_token": wire}
 
 
@@ -453,6 +491,27 @@ def plan_partition(
     if p.fits:
         return p
     return replace(p, suggestions=suggest(list(devices), r, p))
+
+
+# ---------------------------------------------------------------- plan files
+
+
+def load_plan(text: str, cfg: ModelConfig, source: str = "the plan") -> Plan:
+    """The engine plan in a JSON text: `llmd plan --json` output (a Partition), `llmd generate --json`
+    output (its "plan"), or a bare Plan; checked against the model before any process starts."""
+    try:
+        d = json.loads(text)
+        if "predicted" in d and "memory_per_device" in d:
+            partition = Partition.from_dict(d)
+            if not partition.fits:
+                raise BadPlan(f"{source} does not fit its devices: {'; '.join(partition.problems)}")
+            plan = partition.engine_plan()
+        else:
+            plan = Plan.from_dict(d["plan"] if "plan" in d and "ranks" not in d else d)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadPlan(f"{source} is not a plan from `llmd plan --json` ({type(e).__name__}: {e})") from None
+    check_plan(plan, cfg)
+    return plan
 
 
 # ---------------------------------------------------------------- text

@@ -155,11 +155,27 @@ def make_plan(cfg: ModelConfig, shares: list[float]) -> Plan:
         kv_heads = [list(range(a, b)) for a, b in kv_ranges]
         g = cfg.group_size
         q_heads = [list(range(a * g, b * g)) for a, b in kv_ranges]
-    mlp = contiguous_ranges(apportion(cfg.intermediate_size, shares))
+    mlp = contiguous_ranges(mlp_counts(cfg, q_heads, kv_heads, shares))
     vocab = contiguous_ranges(apportion(cfg.vocab_size, shares))
     ranks = [RankShard(r, kv_heads[r], q_heads[r], mlp[r], vocab[r]) for r in range(n)]
     stages = [StageSpan((0, cfg.num_layers), list(range(n)))]
     return Plan(shares=list(shares), ranks=ranks, stages=stages, kv_replicated=replicated)
+
+
+def attention_params(cfg: ModelConfig, q_heads: list[int], kv_heads: list[int]) -> int:
+    """One layer's attention weights on a rank: its q/k/v rows and o_proj columns."""
+    return (len(q_heads) + 2 * len(kv_heads)) * cfg.head_dim * cfg.hidden_size + cfg.hidden_size * len(q_heads) * cfg.head_dim
+
+
+def mlp_counts(cfg: ModelConfig, q_heads: list[list[int]], kv_heads: list[list[int]], shares: list[float]) -> list[int]:
+    """MLP columns per rank so that each rank's layer weights (heads plus columns) follow its share: heads
+    come in coarse units (9 heads over 2 ranks is 6 + 3), and the fine column split evens that out.
+    Decode reads every weight once per token, so equal bytes per unit of speed is equal time."""
+    per_column = 3 * cfg.hidden_size  # a gate row, an up row and a down column
+    attention = [attention_params(cfg, q, kv) for q, kv in zip(q_heads, kv_heads)]
+    total = sum(attention) + cfg.intermediate_size * per_column
+    ideal = [max(s / sum(shares) * total - a, per_column) for s, a in zip(shares, attention)]
+    return apportion(cfg.intermediate_size, ideal)
 
 
 def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int) -> Plan:
@@ -179,3 +195,38 @@ def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int) -
         ranks += [replace(r, rank=a + r.rank, stage=index) for r in local.ranks]
         stages.append(StageSpan(layers, list(range(a, b))))
     return Plan(shares=list(shares), ranks=ranks, stages=stages, kv_replicated=replicated)
+
+
+def check_plan(plan: Plan, cfg: ModelConfig) -> None:
+    """Raise BadPlan unless `plan` covers this model exactly: every layer in one stage, and inside each
+    stage every query head, MLP column and vocabulary row on exactly one rank, with the KV heads they read."""
+    n = plan.world_size
+    if [r.rank for r in plan.ranks] != list(range(n)):
+        raise BadPlan(f"the plan's ranks must be numbered 0..{n - 1} in order")
+    if not plan.stages or not is_tiling([st.layers for st in plan.stages], cfg.num_layers):
+        raise BadPlan(f"the plan's stages must cover layers 0..{cfg.num_layers - 1} in order, each at least one")
+    if sorted(r for st in plan.stages for r in st.ranks) != list(range(n)):
+        raise BadPlan("every rank must be in exactly one stage")
+    for index, st in enumerate(plan.stages):
+        shards = [plan.ranks[r] for r in st.ranks]
+        if any(s.stage != index for s in shards):
+            raise BadPlan(f"stage {index} lists a rank that names another stage")
+        check_stage_shards(shards, cfg, index)
+
+
+def check_stage_shards(shards: list[RankShard], cfg: ModelConfig, index: int) -> None:
+    where = f"stage {index}"
+    if sorted(q for s in shards for q in s.q_heads) != list(range(cfg.num_heads)):
+        raise BadPlan(f"{where}: every one of the {cfg.num_heads} query heads must be on exactly one rank")
+    for s in shards:
+        if sorted(s.kv_heads) != sorted({q // cfg.group_size for q in s.q_heads}):
+            raise BadPlan(f"{where}: rank {s.rank} must hold exactly the KV heads its query heads read")
+    for name, total in (("mlp_columns", cfg.intermediate_size), ("vocab_rows", cfg.vocab_size)):
+        if not is_tiling([getattr(s, name) for s in shards], total):
+            raise BadPlan(f"{where}: {name} must split [0, {total}) into contiguous non-empty ranges in rank order")
+
+
+def is_tiling(spans: list[tuple[int, int]], total: int) -> bool:
+    """Do these [start, end) ranges cover [0, total) in order, each non-empty and none overlapping?"""
+    ends = [0] + [b for _, b in spans]
+    return [a for a, _ in spans] == ends[:-1] and ends[-1] == total and all(a < b for a, b in spans)

@@ -6,17 +6,24 @@ next header; the driver samples from the logits it gathers.
 """
 
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .balancer import BalancerConfig, Move, decide, spread
 from .errors import PromptTooLong, WorkerLost
+from .memory import shard_weight_bytes
+from .migration import Migration
 from .model import ShardedModel
+from .plan import Plan
 from .sampling import SamplingParams, sample
 
-OP_FORWARD, OP_STATS, OP_CLEAR, OP_SHUTDOWN = 1, 2, 3, 9
+OP_FORWARD, OP_STATS, OP_CLEAR, OP_TIMES, OP_PREPARE, OP_SWITCH, OP_ABORT, OP_SHUTDOWN = 1, 2, 3, 4, 5, 6, 7, 9
+FLAG_ALL_LOGITS, FLAG_UNCOUNTED = 1, 2  # OP_FORWARD's flags: every position's logits; not a timed step
+TIMES_FIELDS = 5  # per rank: window median ms, last-32 mean ms, migration status, KV bytes sent, steps
 
 
 def peak_rss_mb() -> float:
@@ -27,25 +34,62 @@ def rank_stats(model: ShardedModel) -> torch.Tensor:
     return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20], dtype=torch.float64, device=model.device)
 
 
-def run_op(model: ShardedModel, header: torch.Tensor, payload: torch.Tensor):
-    """Execute one broadcast step on this rank; rank 0 gets the result."""
-    op, B, S, all_logits = header.tolist()
-    if op == OP_FORWARD:
-        tokens = payload[: B * S].view(B, S).to(model.device)
-        slots = payload[B * S : B * S + B].tolist()
-        starts = payload[B * S + B :].tolist()
-        return model.forward(tokens, slots, starts, all_logits=bool(all_logits))
-    if op == OP_STATS:
-        return model.comm.gather_to_driver(rank_stats(model), [2] * model.comm.world_size)
-    if op == OP_CLEAR:
-        model.clear_slot(B)
-        return None
-    raise ValueError(f"unknown op {op}")
+class Rank:
+    """What one rank runs for each broadcast step, and its balancer state between steps."""
+
+    def __init__(self, model: ShardedModel):
+        self.model = model
+        self.migration: Migration | None = None
+        self.sent_bytes = 0  # KV bytes this rank sent in migrations since the driver last asked
+
+    def run(self, header: torch.Tensor, payload: torch.Tensor):
+        """Execute one broadcast step on this rank; rank 0 gets the result."""
+        op, B, S, flags = header.tolist()
+        model = self.model
+        if op == OP_FORWARD:
+            tokens = payload[: B * S].view(B, S).to(model.device)
+            slots = payload[B * S : B * S + B].tolist()
+            starts = payload[B * S + B :].tolist()
+            return model.forward(tokens, slots, starts, all_logits=bool(flags & FLAG_ALL_LOGITS),
+                                 counted=not flags & FLAG_UNCOUNTED)
+        if op == OP_STATS:
+            return model.comm.gather_to_driver(rank_stats(model), [2] * model.comm.world_size)
+        if op == OP_CLEAR:
+            model.clear_slot(B)
+            return None
+        if op == OP_TIMES:
+            return model.comm.gather_to_driver(self.times(reset=not flags), [TIMES_FIELDS] * model.comm.world_size)
+        if op == OP_PREPARE:
+            plan = Plan.from_json(bytes(payload.tolist()).decode())
+            self.migration = Migration(model, plan)
+            return None
+        if op == OP_SWITCH:
+            self.sent_bytes += self.migration.switch()
+            self.migration = None
+            model.clock.window.clear()  # the times of a new plan start afresh
+            return None
+        if op == OP_ABORT:
+            self.migration.thread.join()
+            self.migration = None
+            return None
+        raise ValueError(f"unknown op {op}")
+
+    def times(self, reset: bool) -> torch.Tensor:
+        clock = self.model.clock
+        window = statistics.median(clock.window) * 1e3 if clock.window else 0.0
+        recent = statistics.fmean(clock.recent) * 1e3 if clock.recent else 0.0
+        status = self.migration.status if self.migration else 0
+        row = torch.tensor([window, recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
+                           device=self.model.device)
+        if reset:
+            clock.window.clear()
+            self.sent_bytes = 0
+        return row
 
 
 def serve(model: ShardedModel) -> None:
     """A worker's life: wait for a step, run it, until the driver says stop."""
-    comm = model.comm
+    comm, rank = model.comm, Rank(model)
     while True:
         header = torch.empty(4, dtype=torch.int64)
         comm.broadcast_control(header)
@@ -53,12 +97,14 @@ def serve(model: ShardedModel) -> None:
             return
         payload = torch.empty(payload_size(header), dtype=torch.int64)
         comm.broadcast_control(payload)
-        run_op(model, header, payload)
+        rank.run(header, payload)
 
 
 def payload_size(header: torch.Tensor) -> int:
     op, B, S, _ = header.tolist()
-    return B * S + 2 * B if op == OP_FORWARD else 1
+    if op == OP_FORWARD:
+        return B * S + 2 * B
+    return B if op == OP_PREPARE else 1
 
 
 @dataclass
@@ -69,6 +115,9 @@ class Generation:
     finish_reason: str = "length"
     prefill_logits: torch.Tensor | None = None  # [S, V] when recorded
     decode_logits: list[torch.Tensor] = field(default_factory=list)  # [V] per step when recorded
+    decode_step_ms: list[float] = field(default_factory=list)  # per decode step, wall ms on the driver (balancer included)
+    migrations: list[dict] = field(default_factory=list)  # the balancer's events during this generation
+    rank_step_ms: list[float] = field(default_factory=list)  # per rank, mean compute ms of the last 32 steps
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,14 +126,30 @@ class Generation:
         return steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+@dataclass
+class RankTimes:
+    window_ms: float  # median compute ms per step since the driver last asked
+    recent_ms: float  # mean compute ms of the last 32 steps
+    migration: int  # 0 none or preparing, 1 ready to switch, 2 failed
+    sent_bytes: int  # KV bytes sent in migrations since last asked
+    steps: int
+
+
 class Driver:
     """Rank 0: owns a shard like every rank, and drives the others."""
 
-    def __init__(self, model: ShardedModel, check_workers: Callable[[], None] = lambda: None):
+    def __init__(self, model: ShardedModel, check_workers: Callable[[], None] = lambda: None,
+                 balancer: BalancerConfig | None = None):
         self.model, self.comm = model, model.comm
+        self.rank = Rank(model)
         # Raises WorkerLost naming the rank that exited; asked after a collective fails,
         # since a dead peer breaks gloo's sockets (or the shared-memory wait) at once.
         self.check_workers = check_workers
+        self.rebalancer = Rebalancer(self, balancer) if balancer else None
+
+    @property
+    def plan(self) -> Plan:
+        return self.model.plan
 
     def _step(self, op: int, B: int, S: int, flags: int, payload: list[int]):
         header = torch.tensor([op, B, S, flags], dtype=torch.int64)
@@ -92,19 +157,31 @@ class Driver:
         try:
             self.comm.broadcast_control(header)
             self.comm.broadcast_control(payload_t)
-            return run_op(self.model, header, payload_t)
+            return self.rank.run(header, payload_t)
         except (RuntimeError, WorkerLost) as e:  # a peer closed its socket, timed out or vanished
-            self.check_workers()  # names the worker and its exit code, when we started it
+            self._name_the_lost_worker()
             raise WorkerLost(f"a worker stopped answering: {str(e).splitlines()[0]}") from None
 
-    def forward(self, tokens: list[list[int]], slots: list[int], starts: list[int], all_logits: bool = False):
+    def _name_the_lost_worker(self, wait_s: float = 3.0) -> None:
+        """Raise WorkerLost naming the worker and its exit code, when we started it. A worker that
+        failed closes its sockets while it exits, so give it a moment to be seen gone."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.check_workers()
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+
+    def forward(self, tokens: list[list[int]], slots: list[int], starts: list[int], all_logits: bool = False,
+                counted: bool = True):
         B, S = len(tokens), len(tokens[0])
         flat = [t for row in tokens for t in row]
-        return self._step(OP_FORWARD, B, S, int(all_logits), flat + list(slots) + list(starts))
+        flags = (FLAG_ALL_LOGITS if all_logits else 0) | (0 if counted else FLAG_UNCOUNTED)
+        return self._step(OP_FORWARD, B, S, flags, flat + list(slots) + list(starts))
 
     def warm_up(self, slot: int = 0) -> None:
         """One decode step on a scratch slot, so compilation happens at start, not in the first reply."""
-        self.forward([[0]], [slot], [0])
+        self.forward([[0]], [slot], [0], counted=False)
         self.clear_slot(slot)
 
     def stats(self) -> list[dict]:
@@ -112,14 +189,33 @@ class Driver:
         return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1)}
                 for r, (a, b) in enumerate(table.tolist())]
 
+    def times(self, reset: bool = True) -> list[RankTimes]:
+        """Every rank's compute times (without collective waits) and migration state."""
+        table = self._step(OP_TIMES, 0, 0, 0 if reset else 1, []).view(-1, TIMES_FIELDS).cpu().tolist()
+        return [RankTimes(w, r, int(m), int(b), int(n)) for w, r, m, b, n in table]
+
+    def prepare(self, plan: Plan) -> None:
+        data = list(plan.to_json().encode())
+        self._step(OP_PREPARE, len(data), 0, 0, data)
+
+    def switch(self) -> None:
+        self._step(OP_SWITCH, 0, 0, 0, [])
+
+    def abort(self) -> None:
+        self._step(OP_ABORT, 0, 0, 0, [])
+
     def clear_slot(self, slot: int) -> None:
         self._step(OP_CLEAR, slot, 0, 0, [])
 
     def shutdown(self) -> None:
+        if self.rank.migration is not None:
+            self.rank.migration.thread.join()  # every rank finishes its background transfers first
         self.comm.broadcast_control(torch.tensor([OP_SHUTDOWN, 0, 0, 0], dtype=torch.int64))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, slot: int = 0,
-                 on_token: Callable[[int], None] | None = None, record_logits: bool = False) -> Generation:
+                 on_token: Callable[[int], None] | None = None, record_logits: bool = False,
+                 should_stop: Callable[[], bool] = lambda: False) -> Generation:
+        """Prefill, then decode until a stop token, the budget, or `should_stop()` (finish "cancelled")."""
         context = self.model.context
         if not prompt_ids:
             raise PromptTooLong("the prompt is empty")
@@ -132,6 +228,7 @@ class Driver:
         budget = min(params.max_new_tokens, context - len(prompt_ids))
         if budget <= 0:
             return out
+        first_event = len(self.rebalancer.events) if self.rebalancer else 0
         t0 = time.perf_counter()
         logits = self.forward([prompt_ids], [slot], [0], all_logits=record_logits)[0].cpu()  # [S, V] or [V]
         if record_logits:
@@ -149,11 +246,124 @@ class Driver:
                 break
             if len(out.token_ids) >= budget:
                 break
+            if should_stop():
+                out.finish_reason = "cancelled"
+                break
             seen = torch.cat([seen, torch.tensor([token])])
+            step_start = time.perf_counter()
             logits = self.forward([[token]], [slot], [position])[0].cpu()  # [V]
             position += 1
             if record_logits:
                 out.decode_logits.append(logits)
+            if self.rebalancer:
+                self.rebalancer.after_step()
+            # What the reader sees between two tokens: the step and any balancer work after it.
+            out.decode_step_ms.append((time.perf_counter() - step_start) * 1e3)
         out.decode_s = time.perf_counter() - t1
         self.clear_slot(slot)
+        out.rank_step_ms = [round(t.recent_ms, 3) for t in self.times(reset=False)]
+        if self.rebalancer:
+            self.rebalancer.finish_pending_reports()
+            out.migrations = [dict(e) for e in self.rebalancer.events[first_event:]]
         return out
+
+
+class Rebalancer:
+    """The driver's balancer loop: every `check_every` decode steps it gathers the ranks' times, asks
+    `balancer.decide` for a move, starts it (every rank prepares in the background), and switches
+    every rank at the first check where all are ready. Each move becomes an event."""
+
+    def __init__(self, driver: Driver, config: BalancerConfig):
+        self.driver, self.config = driver, config
+        self.steps = 0
+        self.next_check = config.check_every
+        self.since_move = config.min_interval  # the first move need not wait for an earlier one
+        self.unbalanced = 0  # checks in a row that found a stage off by more than the threshold
+        self.pending: tuple[Move, dict, float] | None = None
+        self.events: list[dict] = []
+        self._awaiting_after: list[dict] = []  # switched events whose step times after are not known yet
+        self.history: dict[int, list[tuple[float, float]]] = {}  # rank -> (weight bytes, step ms), last per plan
+
+    def after_step(self) -> None:
+        self.steps += 1
+        self.since_move += 1
+        if self.steps < self.next_check:
+            return
+        # While a move is being prepared, ask every other step whether it is ready, so it switches soon.
+        self.next_check = self.steps + (min(2, self.config.check_every) if self.pending else self.config.check_every)
+        times = self.driver.times(reset=not self.pending)  # the window of a plan spans its checks
+        window = [t.window_ms for t in times]
+        if self.pending:
+            self._advance(times)
+            return
+        self._report_after(window, sum(t.sent_bytes for t in times))
+        plan, cfg = self.driver.plan, self.driver.model.cfg
+        move = decide(plan, cfg, window, self.config, self.unbalanced, self.since_move, self.history)
+        self._remember(plan, window)
+        off = any(len(st.ranks) > 1 and spread([window[r] for r in st.ranks]) > self.config.threshold
+                  for st in plan.stages)
+        self.unbalanced = self.unbalanced + 1 if off else 0
+        if move:
+            self._start(move, window)
+
+    def _remember(self, plan: Plan, window: list[float]) -> None:
+        """Keep each rank's latest measurement under each plan it ran, for the balancer's time model."""
+        cfg = self.driver.model.cfg
+        for rank, ms in enumerate(window):
+            if ms <= 0:
+                continue
+            points = self.history.setdefault(rank, [])
+            nbytes = float(shard_weight_bytes(cfg, plan, rank))
+            if points and points[-1][0] == nbytes:
+                points[-1] = (nbytes, ms)
+            else:
+                points.append((nbytes, ms))
+            del points[:-4]
+
+    def _start(self, move: Move, window: list[float]) -> None:
+        old = self.driver.plan
+        cfg = self.driver.model.cfg
+        changed = [r for r in range(old.world_size) if old.ranks[r] != move.plan.ranks[r]]
+        gained = sum(max(0, shard_weight_bytes(cfg, move.plan, r) - shard_weight_bytes(cfg, old, r))
+                     for r in changed)
+        event = {
+            "time": time.time(), "step": self.steps, "switch_step": None, "epoch": move.plan.epoch, "stage": move.stage,
+            "layers": list(old.stages[move.stage].layers), "kv_groups": move.kv_groups,
+            "mlp_columns": move.mlp_columns, "from_rank": move.from_rank, "to_rank": move.to_rank,
+            "reason": move.reason, "step_ms_before": [round(t, 3) for t in window], "step_ms_after": None,
+            "shares_after": move.plan.shares, "weight_bytes_moved": gained,
+            "weight_bytes_read": sum(shard_weight_bytes(cfg, move.plan, r) for r in changed),
+            "kv_bytes": 0, "bytes_moved": gained, "duration_s": None, "status": "preparing",
+        }
+        self.driver.prepare(move.plan)
+        self.pending = (move, event, time.perf_counter())
+
+    def _advance(self, times: list[RankTimes]) -> None:
+        move, event, started = self.pending
+        states = [t.migration for t in times]
+        if 2 in states:
+            self.driver.abort()
+            event.update(status="failed", duration_s=round(time.perf_counter() - started, 3))
+        elif all(s == 1 for s in states):
+            self.driver.switch()
+            event.update(status="done", duration_s=round(time.perf_counter() - started, 3), switch_step=self.steps)
+            self.next_check = self.steps + self.config.check_every  # a full window of the new plan
+            self._awaiting_after.append(event)
+            self.since_move, self.unbalanced = 0, 0
+        else:
+            return  # still preparing in the background; decoding goes on
+        self.events.append(event)
+        self.pending = None
+
+    def _report_after(self, window: list[float], sent_bytes: int) -> None:
+        """The first times gathered after a switch are that move's 'after' figures (and its KV bytes)."""
+        for event in self._awaiting_after:
+            event["step_ms_after"] = [round(t, 3) for t in window]
+            event["kv_bytes"] += sent_bytes
+            event["bytes_moved"] += sent_bytes
+        self._awaiting_after = []
+
+    def finish_pending_reports(self) -> None:
+        if self._awaiting_after:
+            times = self.driver.times()
+            self._report_after([t.window_ms for t in times], sum(t.sent_bytes for t in times))

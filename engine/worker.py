@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .comm import Group, Solo
 from .config import ModelConfig, load_hf_config
-from .model import ShardedModel, load_shard
+from .model import ShardedModel, Slowdown, load_shard
 from .plan import Plan
 from .runtime import serve
 
@@ -38,8 +38,16 @@ class RankSpec:
     threads: int = 1
     timeout_s: float = 120.0
     compile: bool = False  # compile the decode step (CPU: needs a C++ compiler)
-    shm_path: str | None = None  # shared-memory all-reduce region, when every rank is on this machine
+    shm_path: str | None = None  # shared-memory all-reduce region of its stage, when the stage is on one machine
     wake_fds: list[int] | None = None  # with it: an inherited eventfd per rank (engine/shm.py)
+    slowdown: list[list[float]] | None = None  # [rank, factor, from step] triples: simulated slow devices
+    reshardable: bool = False  # the balancer may move heads and columns: compile for changing shapes
+
+    def slowdown_of(self, rank: int) -> Slowdown:
+        for r, factor, from_step in self.slowdown or []:
+            if int(r) == rank:
+                return Slowdown(factor, int(from_step))
+        return Slowdown()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -69,8 +77,12 @@ def load_rank(spec: RankSpec):
 
 def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
     cfg, hf_config, plan, weights, device, dtype = loaded
-    return ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
-                        compiled=spec.compile)
+    model = ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
+                         compiled=spec.compile, slowdown=spec.slowdown_of(spec.rank), reshardable=spec.reshardable)
+    # The balancer's new shards come from this rank's own slices of the local checkpoint.
+    model.load = lambda new_plan, after_layer=None: load_shard(Path(spec.model_dir), cfg, new_plan, spec.rank, dtype,
+                                                               device, after_layer)
+    return model
 
 
 def connect(spec: RankSpec, store: dist.Store | None, world_size: int):

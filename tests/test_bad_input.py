@@ -136,3 +136,15 @@ def test_worker_killed_mid_generation():
     assert "Traceback" not in stderr, stderr
     assert "llmd: error:" in stderr and "worker" in stderr and "rank 1" in stderr, stderr
     assert not wait_gone(children, timeout_s=10), "a child process outlived the CLI"
+
+
+def test_plan_files_that_do_not_fit_the_model_or_the_workers(tmp_path):
+    other = llmd("plan", "--model", "llama-3.1-8b", "--device", "a:a100-80gb", "--json")
+    (tmp_path / "other.json").write_text(other.stdout)
+    assert_clean_error(["--plan", str(tmp_path / "other.json"), "hi"], "must cover layers 0..29")
+    (tmp_path / "junk.json").write_text("{not json")
+    assert_clean_error(["--plan", str(tmp_path / "junk.json"), "hi"], "is not a plan from `llmd plan --json`")
+    assert_clean_error(["--plan", str(tmp_path / "missing.json"), "hi"], "cannot read the plan file")
+    mine = llmd("plan", "--device", "a:cpu", "--device", "a:cpu", "--weights", "fp32", "--json")
+    (tmp_path / "two.json").write_text(mine.stdout)
+    assert_clean_error(["--plan", str(tmp_path / "two.json"), "--workers", "3", "hi"], "has 2 ranks")

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from llmd.app.cli import build_parser
+from llmd.ui.commands import add_up_commands
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser([add_up_commands])._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
 
 
@@ -26,7 +27,7 @@ def test_plan_command_prints_a_table_and_json(tmp_path):
     import subprocess
     import sys
 
-    base = [sys.executable, "-m", "llmd.app.cli", "plan", "--model", "llama-3.1-70b", "--weights", "int4",
+    base = [sys.executable, "-m", "llmd", "plan", "--model", "llama-3.1-70b", "--weights", "int4",
             *[a for _ in range(4) for a in ("--device", "ws1:rtx4090")]]
     table = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "tokens/s" in table.stdout and "rtx4090" in table.stdout
@@ -36,3 +37,13 @@ def test_plan_command_prints_a_table_and_json(tmp_path):
     bad = subprocess.run([*base[:4], "--model", "nope", "--device", "a:cpu"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 1 and "llama-3.1-8b" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_app_never_imports_ui():
+    """DESIGN.md's layering: ui -> app -> engine. The web UI's commands join them in __main__.py."""
+    root = Path(__file__).parent.parent
+    for folder, forbidden in (("engine", ("llmd.app", "llmd.ui", "from ..app", "from ..ui")),
+                              ("app", ("llmd.ui", "from ..ui"))):
+        for path in (root / folder).glob("*.py"):
+            text = path.read_text()
+            assert not any(f in text for f in forbidden), f"{path.name} imports a layer above {folder}/"

@@ -5,6 +5,8 @@ Each case runs the real CLI (driver + worker processes over gloo) with
 greedy tokens with transformers itself, in fp32 on CPU.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -16,12 +18,14 @@ DECODE_STEPS = 32
 PROMPT = "The three primary colours of light are"
 
 
-def run_and_compare(model_dir, tmp_path, workers: int, shares: str | None, *extra: str):
+def run_and_compare(model_dir, tmp_path, workers: int | None, shares: str | None, *extra: str):
     dump = tmp_path / "logits.pt"
-    args = ["generate", "--model", str(model_dir), "--workers", str(workers), "--greedy", "--ignore-eos",
+    args = ["generate", "--model", str(model_dir), "--greedy", "--ignore-eos",
             "--max-new-tokens", str(DECODE_STEPS + 1), "--json", "--dump-logits", str(dump), *extra, PROMPT]
+    if workers:
+        args[3:3] = ["--workers", str(workers)]
     if shares:
-        args[5:5] = ["--shares", shares]
+        args[3:3] = ["--shares", shares]
     out = llmd(*args).json
     got = torch.load(dump)
     prompt, generated = out["prompt_token_ids"], out["token_ids"]
@@ -62,6 +66,17 @@ def test_pipeline_stages_match_transformers(default_model_dir, tmp_path, workers
 def test_pipeline_with_head_shard_inside_a_stage_on_a_tiny_model(tiny_models, tmp_path):
     out = run_and_compare(tiny_models["qwen2-bias"], tmp_path, 3, "1,1,2", "--stages", "2")
     assert [st["ranks"] for st in out["plan"]["stages"]] == [[0, 1], [2]]
+
+
+def test_a_plan_file_from_the_planner_runs_and_matches_transformers(default_model_dir, tmp_path):
+    """Two hosts, the first with two devices: the planner makes 2 stages, head-shard inside the first."""
+    devices = ["--device", "ws1:cpu", "--device", "ws1:cpu", "--device", "ws2:cpu"]
+    planned = llmd("plan", "--model", "default", *devices, "--weights", "fp32", "--context", "2048", "--json").json
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(planned))
+    out = run_and_compare(default_model_dir, tmp_path, None, None, "--plan", str(path))
+    assert [st["ranks"] for st in out["plan"]["stages"]] == [s["ranks"] for s in planned["stages"]] == [[0, 1], [2]]
+    assert [st["layers"] for st in out["plan"]["stages"]] == [s["layers"] for s in planned["stages"]]
 
 
 def test_eager_decode_path_matches_too(tiny_models, tmp_path):

@@ -4,14 +4,15 @@ Pure functions of shapes, devices and links, so no model files, processes or GPU
 """
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from llmd.engine.config import ModelConfig
 from llmd.engine.errors import BadPlan, LlmdError
 from llmd.engine.partition import (
-    Device, Partition, describe, link_between, parse_device, parse_link, plan_partition,
+    Device, Partition, describe, layer_params, link_between, load_plan, parse_device, parse_link, plan_partition,
 )
+from llmd.engine.plan import Plan, check_plan
 from llmd.engine.presets import DEVICE_KINDS, MOE, PRESETS, UnknownPreset, device_kind, preset
 
 KINDS = sorted(DEVICE_KINDS)
@@ -68,6 +69,19 @@ def test_every_layer_and_head_owned_once(cfg, devs, precision):
 
 
 @PROPERTY
+@given(model_shapes(), clusters(), st.integers(1, 4))
+def test_engine_plan_of_a_partition_is_valid_and_survives_a_file(cfg, devs, stages):
+    stages = min(stages, len(devs))
+    assume(-(-len(devs) // stages) <= cfg.num_heads)  # a stage cannot have more ranks than query heads
+    p = plan_partition(cfg, devs, [], precision="bf16", context=256, prompt_tokens=16, force_stages=stages)
+    plan = p.engine_plan()
+    check_plan(plan, cfg)  # raises BadPlan when a layer, head, column or row is missing or doubled
+    assert [st.layers for st in plan.stages] == [s.layers for s in p.stages]
+    assert [r.stage for r in plan.ranks] == [ri.stage for ri in p.ranks]
+    assert load_plan(p.to_json(), cfg) == plan == load_plan(plan.to_json(), cfg)
+
+
+@PROPERTY
 @given(model_shapes(), clusters(), st.integers(1, 3))
 def test_memory_and_fits_agree(cfg, devs, slots):
     p = plan_partition(cfg, devs, [], context=512, slots=slots, prompt_tokens=32)
@@ -83,14 +97,20 @@ def test_memory_and_fits_agree(cfg, devs, slots):
 
 @PROPERTY
 @given(model_shapes(), clusters())
-def test_faster_device_never_gets_fewer_mlp_columns(cfg, devs):
+def test_faster_device_never_gets_fewer_layer_weights(cfg, devs):
+    """Heads and MLP columns together: a faster device reads at least as many bytes per layer.
+    (The columns even out the coarse head split; that needs an MLP bigger than the attention,
+    as in every Llama-family model: there MLP weights are 2-4x the attention's.)"""
+    attention = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * cfg.hidden_size
+    assume(3 * cfg.intermediate_size * cfg.hidden_size >= 2 * attention)
     p = plan_partition(cfg, devs, [], context=256, prompt_tokens=16)
     for s in p.stages:
-        pairs = [(p.ranks[g].device.bandwidth_gb_s, shard.num_mlp_columns) for g, shard in zip(s.ranks, s.plan.ranks)]
-        for bw_a, cols_a in pairs:
-            for bw_b, cols_b in pairs:
+        pairs = [(p.ranks[g].device.bandwidth_gb_s, layer_params(cfg, shard, 1))
+                 for g, shard in zip(s.ranks, s.plan.ranks)]
+        for bw_a, params_a in pairs:
+            for bw_b, params_b in pairs:
                 if bw_a > bw_b:
-                    assert cols_a >= cols_b
+                    assert params_a >= params_b
 
 
 @PROPERTY
@@ -201,3 +221,25 @@ def test_presets():
         preset("gpt-5")
     assert issubclass(UnknownPreset, LlmdError)
     assert device_kind("h100").bandwidth_gb_s == 3350
+
+
+def test_check_plan_names_what_is_wrong():
+    cfg = preset("smollm2-135m")
+    good = plan_partition(cfg, devices("a:cpu", 2) + devices("b:cpu", 1), precision="fp32").engine_plan()
+    check_plan(good, cfg)
+    d = good.to_dict()
+    d["stages"][1]["layers"] = [21, 30]  # layer 20 in no stage
+    with pytest.raises(BadPlan, match="cover layers 0..29"):
+        check_plan(Plan.from_dict(d), cfg)
+    d = good.to_dict()
+    d["ranks"][1]["q_heads"] = d["ranks"][1]["q_heads"][1:]  # a query head nobody computes
+    with pytest.raises(BadPlan, match="stage 0: every one of the 9 query heads"):
+        check_plan(Plan.from_dict(d), cfg)
+    d = good.to_dict()
+    d["ranks"][0]["mlp_columns"] = [0, 100]  # a gap in the MLP columns
+    with pytest.raises(BadPlan, match="mlp_columns"):
+        check_plan(Plan.from_dict(d), cfg)
+    with pytest.raises(BadPlan, match="does not fit its devices"):
+        load_plan(plan_partition(preset("llama-3.1-70b"), devices("a:rtx4090", 1)).to_json(), cfg)
+    with pytest.raises(BadPlan, match="not a plan"):
+        load_plan('{"hello": 1}', cfg)

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import llmd
 from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.memory import shard_weight_bytes
+from llmd.engine.plan import Plan
 
 MIB = 2**20
 FP32 = 4
@@ -58,3 +60,14 @@ def whole_model_rank(cfg: ModelConfig) -> dict:
     """One rank holding everything, in the plan JSON's form."""
     return {"q_heads": list(range(cfg.num_heads)), "kv_groups": list(range(cfg.num_kv_heads)),
             "mlp_columns": [0, cfg.intermediate_size], "vocab_rows": [0, cfg.vocab_size]}
+
+
+def test_pipeline_stages_hold_only_their_layers(cfg):
+    """3 workers in 2 stages: the planner's memory arithmetic (engine/memory.py) is what each rank holds."""
+    out = llmd("generate", "--workers", "3", "--stages", "2", "--json", "--max-new-tokens", "2", "--greedy", "Hello",
+               timeout=180).json
+    plan = Plan.from_dict(out["plan"])
+    for rank, mb in enumerate(out["weights_mb_per_rank"]):
+        assert mb == pytest.approx(shard_weight_bytes(cfg, plan, rank) / MIB, abs=0.1), f"rank {rank}"
+    whole_mb = expected_bytes(cfg, whole_model_rank(cfg)) / MIB
+    assert sum(out["weights_mb_per_rank"]) < whole_mb * 1.3  # layers are not repeated across stages

@@ -1,0 +1,202 @@
+"""The web UI in a real headless Chromium, against a real `llmd up` (2 CPU workers, real mDNS on loopback).
+
+One `llmd up` serves the whole module; the tests run in file order on one page and save a screenshot
+of each tab under test-artifacts/ui/.
+"""
+
+import os
+import re
+
+import pytest
+
+from agents import new_secret, start_agent
+from netns import stop
+from ui_helpers import (CHROMIUM_ARGS, chromium_path, open_tab, plot_has_points, remember_children, screenshot,
+                        start_up, stop_up, sync_playwright, table_rows, wait_for, wait_text)
+
+MAX_NEW_TOKENS = 24
+BOT = "#chatbot .message.bot, #chatbot [data-testid='bot']"
+
+
+@pytest.fixture(scope="module")
+def secret():
+    return new_secret()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory, secret):
+    server = start_up(tmp_path_factory.mktemp("up"), secret, "--workers", "2", "--max-new-tokens",
+                      str(MAX_NEW_TOKENS))
+    try:
+        yield server
+    finally:
+        stop(server.proc, timeout=45)
+
+
+@pytest.fixture(scope="module")
+def page(up):
+    path = chromium_path()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(up.url)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_the_page_shows_progress_then_ready(page, up):
+    first = wait_text(page, "#status", r"loading|ready", timeout_s=30)
+    assert "loading" in first or "ready" in first
+    wait_text(page, "#status", r"\bready\b", timeout_s=180)
+    assert up.proc.poll() is None
+    remember_children(up)  # the agent child and the worker, checked to be gone at the end
+    assert len(up.children) >= 2
+
+
+def bot_text(page) -> str:
+    bots = page.query_selector_all(BOT)
+    return bots[-1].inner_text().strip() if bots else ""
+
+
+def send(page, message: str) -> list[str]:
+    """Send a message; return the distinct texts the reply showed while it streamed."""
+    before = len(page.query_selector_all(BOT))
+    page.fill("#chat-input textarea", message)
+    page.click("#send")
+    partials: list[str] = []
+    wait_for(lambda: len(page.query_selector_all(BOT)) > before, "the reply bubble")
+    while not re.search(r"tokens/s|error", page.inner_text("#reply-stats")):
+        text = bot_text(page)
+        if text and (not partials or partials[-1] != text):
+            partials.append(text)
+        page.wait_for_timeout(30)
+    return partials
+
+
+def test_chat_streams_a_greedy_reply(page):
+    open_tab(page, "Chat")
+    page.get_by_text("Generation settings").click()
+    page.check("#greedy input")
+    partials = send(page, "Name three colours.")
+    stats = page.inner_text("#reply-stats")
+    assert re.search(r"\d+ tokens · [\d.]+ tokens/s · first token \d+ ms", stats), stats
+    final = bot_text(page)
+    assert "tokens/s" in final  # the stats line sits under the reply too
+    growing = [t for t in partials if "tokens/s" not in t]
+    assert len(set(growing)) >= 2, f"the reply did not stream: {partials}"
+    assert final.startswith(growing[-1].strip()[:10])
+    screenshot(page, "chat")
+
+
+def test_stop_cancels_a_reply(page):
+    page.fill("#max-new-tokens input", "400")
+    page.fill("#chat-input textarea", "Write a long story about a dragon who learns to cook.")
+    page.click("#send")
+    wait_text(page, "#reply-stats", r"generating")
+    page.click("#stop")
+    stats = wait_text(page, "#reply-stats", r"tokens/s", timeout_s=60)
+    assert "stopped" in stats
+    assert int(stats.split()[0]) < 400
+    page.fill("#max-new-tokens input", str(MAX_NEW_TOKENS))
+
+
+def test_cluster_tab_joins_and_drops_an_agent(page, secret):
+    open_tab(page, "Cluster")
+    here = wait_for(lambda: [r for r in table_rows(page, "#peers") if "yes" in r.split("\t")[-1:]],
+                    "this machine's agent in the peer table", timeout_s=30)
+    assert "ok" in here[0]
+    name = f"ui-agent-{os.getpid()}"
+    agent = start_agent(name, secret)
+    try:
+        def row():
+            return next((r for r in table_rows(page, "#peers") if r.startswith(name)), "")
+
+        assert "not joined" in wait_for(lambda: "\tok\t" in row() and row(), f"{name} answering", timeout_s=30)
+        pick = page.locator("#peer-pick input")
+        pick.fill(name)
+        pick.press("Enter")
+        page.click("#join")
+        wait_text(page, "#cluster-note", rf"{name} joined")
+        wait_for(lambda: "joined" in row() and "not joined" not in row(), f"{name} shown as joined")
+        screenshot(page, "cluster")
+        page.click("#drop")
+        wait_text(page, "#cluster-note", rf"{name} dropped")
+        wait_for(lambda: "not joined" in row(), f"{name} shown as not joined")
+    finally:
+        stop(agent.proc)
+    assert "••••" in page.inner_text("#join-command")
+    page.click("#reveal")
+    wait_text(page, "#join-command", secret)
+
+
+def test_gpus_tab_shows_devices_and_live_plots(page):
+    open_tab(page, "GPUs")
+    rows = wait_for(lambda: [r for r in table_rows(page, "#devices") if "cpu:" in r], "device rows")
+    assert any("cpu:1" in r for r in rows) and any("(est.)" in r for r in rows)
+    for plot in ("#util-plot", "#mem-plot", "#power-plot"):
+        wait_for(lambda plot=plot: plot_has_points(page, plot), f"samples drawn in {plot}")
+    screenshot(page, "gpus")
+
+
+def test_plan_tab_draws_layers_and_heads_per_rank(page):
+    open_tab(page, "Plan")
+    grid = wait_for(lambda: page.query_selector("#plan-heatmap-grid"), "the plan heatmap")
+    assert grid.get_attribute("data-ranks") == "2"
+    owners = {c.get_attribute("data-rank") for c in page.query_selector_all("#plan-heatmap .plan-cell")}
+    assert owners == {"0", "1"}
+    assert len(page.query_selector_all("#plan-heatmap .plan-cell")) == 30 * 9  # SmolLM2: 30 layers, 9 heads
+    wait_for(lambda: page.query_selector_all("#plan-bars g.mark-rect path"), "the share bars")
+    prediction = wait_for(lambda: table_rows(page, "#prediction"), "predicted and measured figures")
+    assert any(r.startswith("decode tokens/s") and re.search(r"\d", r.split("\t", 1)[1]) for r in prediction)
+    screenshot(page, "plan")
+
+
+def test_balancer_tab_shows_its_timeline(page):
+    open_tab(page, "Balancer")
+    wait_text(page, "#balancer-note", r"migration|step times")
+    assert page.query_selector("#migrations")
+    wait_for(lambda: plot_has_points(page, "#rank-steps"), "per-rank step times drawn")
+    screenshot(page, "balancer")
+
+
+def cost_per_million(page) -> float:
+    text = wait_text(page, "#cost-summary", r"Cost per 1M tokens: [\d.]+")
+    return float(re.search(r"Cost per 1M tokens: ([\d.]+)", text).group(1))
+
+
+def test_costs_change_with_the_electricity_price(page):
+    open_tab(page, "Costs")
+    wait_for(lambda: any("done" in r for r in table_rows(page, "#requests")), "a finished request row")
+    assert any("cancelled" in r for r in table_rows(page, "#requests"))
+    assert "estimate" in page.inner_text("#cost-summary")
+    before = cost_per_million(page)
+    assert before > 0
+    price = float(page.input_value("#price input"))
+    page.fill("#price input", str(price * 10))
+    page.click("#save-prices")
+    wait_text(page, "#prices-note", "Saved")
+    after = wait_for(lambda: (c := cost_per_million(page)) != before and c, "the cost to follow the price")
+    assert after == pytest.approx(before * 10, rel=0.01)
+    screenshot(page, "costs")
+
+
+def test_stopping_up_leaves_no_process(up):
+    left = stop_up(up)
+    assert up.proc.returncode == 0
+    assert not left, f"still running after llmd up stopped: {left}"
+
+
+def test_ctrl_c_while_the_model_loads_stops_everything(tmp_path, secret):
+    import signal
+
+    server = start_up(tmp_path, secret, "--workers", "2")
+    try:
+        remember_children(server)  # the URL is printed before the model is ready
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        left = stop_up(server)
+    assert not left, f"still running after Ctrl-C: {left}"

@@ -1,0 +1,116 @@
+"""A real `llmd up` and a real headless Chromium for the web UI tests."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from netns import stop, wait_for_output
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "ui"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen
+    url: str
+    children: list[psutil.Process]  # what it started, checked to be gone after it stops
+
+
+def sync_playwright():
+    try:
+        from playwright.sync_api import sync_playwright as start
+    except ImportError:
+        raise AssertionError("the web UI tests need Playwright for Python: pip install -e '.[test]'") from None
+    return start()
+
+
+def chromium_path() -> str:
+    """The system's Chromium; a missing one fails the test, since CI installs it."""
+    for candidate in (os.environ.get("LLMD_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise AssertionError("the web UI tests need Chromium: install it (Debian/Ubuntu: `apt-get install chromium`) "
+                         "or point LLMD_CHROMIUM at its binary")
+
+
+def start_up(tmp: Path, secret: str, *extra: str) -> Up:
+    env = dict(os.environ, LLMD_POOL_SECRET=secret, XDG_DATA_HOME=str(tmp / "data"), LLMD_DB=str(tmp / "env.db"))
+    argv = [sys.executable, "-u", "-m", "llmd", "up", "--port", "0", "--db", str(tmp / "llmd.db"),
+            "--address", "127.0.0.1", *extra]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+    try:
+        url = wait_for_output(proc, r"^llmd: UI at (http://\S+)$", timeout=120).group(1)
+    except BaseException:
+        stop(proc)
+        raise
+    return Up(proc, url, [])
+
+
+def remember_children(up: Up) -> None:
+    up.children = psutil.Process(up.proc.pid).children(recursive=True)
+
+
+def stop_up(up: Up) -> list[str]:
+    """SIGTERM, as Ctrl-C would; returns the command lines of any child left running."""
+    if not up.children:
+        remember_children(up)
+    stop(up.proc, timeout=45)
+    time.sleep(0.5)
+    left = [c for c in up.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    names = [" ".join(c.cmdline()[:4]) for c in left]
+    for c in left:
+        c.kill()
+    return names
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 60.0) -> str:
+    """The selector's text once it matches `pattern` (a regex)."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        element = page.query_selector(selector)
+        text = element.inner_text() if element else ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"{selector} never matched {pattern!r}; it shows: {text[:500]!r}")
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def table_rows(page, selector: str) -> list[str]:
+    """Each body row of a Gradio Dataframe (virtualised: rows are divs), its cells joined by tabs."""
+    rows = page.query_selector_all(f"{selector} [role=row].virtual-row")
+    return ["\t".join(c.inner_text().strip() for c in r.query_selector_all("[role=gridcell]")) for r in rows]
+
+
+def plot_has_points(page, selector: str) -> bool:
+    """A Gradio (Vega) line plot has drawn at least one line or point."""
+    marks = page.query_selector_all(f"{selector} g.mark-line path, {selector} g.mark-symbol path")
+    return any((m.get_attribute("d") or "").strip() for m in marks)
+
+
+def wait_for(check, what: str, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,212 @@
+"""Events: which handler runs on which click or timer tick, reading and writing which components.
+
+Live views follow one pattern: a timer tick compares the pool's cheap version counters with what
+this browser session last drew, and redraws (queries the store, builds frames) only on change.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from llmd.app.pool import ChatSettings, Pool
+from llmd.engine.errors import LlmdError
+
+from . import fns
+
+
+@dataclass
+class Session:
+    """One browser tab's state (Gradio copies it per session)."""
+
+    stop: bool = False  # the Stop button asks the chat under way to end at the next token
+    reveal: bool = False  # the pool secret is shown in the join command
+    drawn: dict[str, object] = field(default_factory=dict)  # view -> the version it last drew
+
+    def changed(self, view: str, version: object) -> bool:
+        if self.drawn.get(view) == version:
+            return False
+        self.drawn[view] = version
+        return True
+
+
+def skip(n: int) -> tuple:
+    return tuple(gr.skip() for _ in range(n))
+
+
+@dataclass
+class Handlers:
+    pool: Pool
+
+    # ---- status
+
+    def status(self, session: Session, live: bool):
+        p = self.pool.progress
+        md = fns.status_markdown(p, time.time(), self.pool.waiting(), self.pool.problem, self.pool.describe())
+        bar = fns.progress_html(p) if session.changed("progress", (p.phase, p.fraction)) else gr.skip()
+        return session, md, bar
+
+    # ---- chat
+
+    def respond(self, message: str, history: list, session: Session, max_new_tokens, temperature, top_p, top_k,
+                greedy):
+        message = (message or "").strip()
+        if not message:
+            yield history, gr.skip(), gr.skip()
+            return
+        session.stop = False
+        history = [{"role": m["role"], "content": fns.message_text(m["content"])} for m in history or []]
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        yield history, "", "waiting for the engine…"
+        settings = ChatSettings(max_new_tokens=int(max_new_tokens or 1), temperature=temperature, top_p=top_p,
+                                top_k=int(top_k), greedy=bool(greedy))
+        text, stats = "", ""
+        try:
+            for item in self.pool.chat(fns.chat_messages(history[:-1]), settings, lambda: session.stop):
+                if isinstance(item, str):
+                    text += item
+                    history[-1] = {"role": "assistant", "content": text}
+                    yield history, gr.skip(), "generating…"
+                else:
+                    history[-1] = {"role": "assistant", "content": fns.with_stats(text, item)}
+                    stats = fns.reply_stats(item)
+        except LlmdError as e:
+            history[-1] = {"role": "assistant", "content": f"*{e}*"}
+            stats = f"error: {e}"
+        yield history, gr.skip(), stats
+
+    def stop(self, session: Session):
+        session.stop = True
+        return session
+
+    # ---- cluster
+
+    def cluster(self, session: Session, live: bool):
+        peers = self.pool.peers()
+        version = tuple((p["name"], p["address"], p["port"], p["health"], p["joined"], p["free_mb"]) for p in peers)
+        if not live or not session.changed("cluster", version):
+            return (session, *skip(2))
+        return session, fns.peers_frame(peers), gr.update(choices=fns.peer_names(peers))
+
+    def join(self, name: str, session: Session):
+        return self._peer_action(self.pool.join, name, ("join", "joined"), session)
+
+    def drop(self, name: str, session: Session):
+        return self._peer_action(self.pool.drop, name, ("drop", "dropped"), session)
+
+    def _peer_action(self, action, name: str, verbs: tuple[str, str], session: Session):
+        if not name:
+            return session, gr.skip(), "Pick an agent first."
+        try:
+            action(name)
+        except LlmdError as e:
+            return session, gr.skip(), f"Could not {verbs[0]} {name}: {e}"
+        session.drawn.pop("cluster", None)
+        note = f"{name} {verbs[1]}. The running engine keeps its devices; relaunch to use the change."
+        return session, fns.peers_frame(self.pool.peers()), note
+
+    def relaunch(self):
+        try:
+            self.pool.relaunch()
+        except LlmdError as e:
+            return f"Cannot launch now: {e}"
+        return "Launching: the status line above shows the progress."
+
+    def join_command(self, session: Session, toggle: bool = False):
+        if toggle:
+            session.reveal = not session.reveal
+        label = "Hide secret" if session.reveal else "Reveal secret"
+        return session, fns.join_command(self.pool.config.secret, session.reveal), gr.update(value=label)
+
+    def reveal(self, session: Session):
+        return self.join_command(session, toggle=True)
+
+    # ---- GPUs
+
+    def gpus(self, session: Session, live: bool, window: int):
+        if not live or not session.changed("gpus", (self.pool.versions.samples, window)):
+            return (session, *skip(5))
+        rows = self.pool.recent_samples(float(window or 300))
+        names = {(g["node"], g["device"]): g["name"] for g in self.pool.store.gpus()}
+        frame = fns.samples_frame(rows)
+        plots = [fns.metric_frame(frame, m) for m in ("utilisation", "memory_used_mb", "power_w", "temperature_c")]
+        return (session, fns.devices_frame(rows, names), *plots)
+
+    # ---- plan
+
+    def plan(self, session: Session, live: bool):
+        if not live or not session.changed("plan", (self.pool.versions.plan, self.pool.versions.requests)):
+            return (session, *skip(4))
+        entry = self.pool.store.latest_plan()
+        if entry is None:
+            return session, fns.plan_summary(None), "", gr.skip(), gr.skip()
+        requests = self.pool.store.requests(since=entry["time"])
+        return (session, fns.plan_summary(entry), fns.plan_heatmap_html(entry["plan"]),
+                fns.shares_frame(entry["plan"]), fns.prediction_frame(entry, requests))
+
+    # ---- balancer
+
+    def balancer(self, session: Session, live: bool):
+        if not live or not session.changed("balancer", self.pool.versions.requests):
+            return (session, *skip(3))
+        events, steps = self.pool.store.migrations(), self.pool.store.rank_steps(since=time.time() - 86400)
+        return session, fns.balancer_note(events, steps), fns.migrations_frame(events), fns.rank_steps_frame(steps)
+
+    # ---- costs
+
+    def costs(self, session: Session, live: bool):
+        version = (self.pool.versions.requests, self.pool.versions.settings)
+        if not live or not session.changed("costs", version):
+            return (session, *skip(4))
+        requests, settings = self.pool.store.requests(since=time.time() - 86400), self.pool.store.settings()
+        frame = fns.cost_frame(requests, settings)
+        return (session, fns.cost_markdown(requests, settings), frame[["time", "cost_per_million"]].dropna(),
+                frame[["time", "tokens_per_s"]], fns.requests_frame(requests, settings))
+
+    def price_form(self):
+        s = self.pool.store.settings()
+        return s.electricity_per_kwh, s.currency, fns.format_node_prices(s.node_hourly), s.cpu_tdp_w
+
+    def save_prices(self, price, currency, node_prices, tdp):
+        try:
+            settings = fns.settings_from_form(price, currency, node_prices, tdp, self.pool.store.settings())
+        except ValueError as e:
+            return f"Not saved: {e}"
+        self.pool.save_settings(settings)
+        return f"Saved: {settings.electricity_per_kwh:g} {settings.currency}/kWh, CPU TDP {settings.cpu_tdp_w:g} W."
+
+
+def wire(demo: gr.Blocks, c: dict, pool: Pool) -> None:
+    h = Handlers(pool)
+    s, live = c["session"], c["live"]
+    quiet = {"show_progress": "hidden"}
+    views = [
+        (h.status, [s, live], [s, c["status"], c["progress"]], c["fast"]),
+        (h.gpus, [s, live, c["window"]], [s, c["devices"], c["util_plot"], c["mem_plot"], c["power_plot"],
+                                          c["temp_plot"]], c["fast"]),
+        (h.cluster, [s, live], [s, c["peers"], c["peer_pick"]], c["slow"]),
+        (h.plan, [s, live], [s, c["plan_summary"], c["plan_heatmap"], c["plan_bars"], c["prediction"]], c["slow"]),
+        (h.balancer, [s, live], [s, c["balancer_note"], c["migrations"], c["rank_steps"]], c["slow"]),
+        (h.costs, [s, live], [s, c["cost_summary"], c["cost_plot"], c["tps_plot"], c["requests"]], c["slow"]),
+    ]
+    for fn, inputs, outputs, timer in views:
+        timer.tick(fn, inputs, outputs, **quiet)
+        demo.load(fn, inputs, outputs, **quiet)
+    c["window"].change(h.gpus, [s, live, c["window"]], [s, c["devices"], c["util_plot"], c["mem_plot"],
+                                                        c["power_plot"], c["temp_plot"]], **quiet)
+    demo.load(h.join_command, [s], [s, c["join_command"], c["reveal"]], **quiet)
+    demo.load(h.price_form, None, [c["price"], c["currency"], c["node_prices"], c["tdp"]], **quiet)
+
+    chat_in = [c["message"], c["chatbot"], s, c["max_new_tokens"], c["temperature"], c["top_p"], c["top_k"],
+               c["greedy"]]
+    chat_out = [c["chatbot"], c["message"], c["reply_stats"]]
+    for trigger in (c["send"].click, c["message"].submit):
+        trigger(h.respond, chat_in, chat_out, concurrency_limit=None, show_progress="minimal")
+    c["stop"].click(h.stop, [s], [s], concurrency_limit=None, **quiet)
+    c["new_chat"].click(lambda: ([], ""), None, [c["chatbot"], c["reply_stats"]], **quiet)
+
+    c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]])
+    c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]])
+    c["relaunch"].click(h.relaunch, None, [c["cluster_note"]])
+    c["reveal"].click(h.reveal, [s], [s, c["join_command"], c["reveal"]], **quiet)
+    c["save_prices"].click(h.save_prices, [c["price"], c["currency"], c["node_prices"], c["tdp"]], [c["prices_note"]])
