@@ -36,6 +36,12 @@ class Solo:
 class Group:
     def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device, timeout_s: float,
                  stages: list[list[int]], shm_path: str | None = None, wake_fds: list[int] | None = None):
+        mine = next(i for i, ranks in enumerate(stages) if rank in ranks)
+        self.stage_size = len(stages[mine])
+        # The stage's ranks on this machine share a memory region: rank `i` of the stage is slot `i`.
+        # Mapped before joining the group: the launcher unlinks its name once every rank has joined.
+        local = stages[mine].index(rank)
+        self.shm = SharedMemoryReducer(shm_path, wake_fds, local, self.stage_size, timeout_s) if shm_path else None
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
@@ -47,11 +53,7 @@ class Group:
         self.migration = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         # Head-shard all-reduces stay inside a pipeline stage; every rank creates every group, in order.
         groups = [dist.new_group(ranks) if len(stages) > 1 else dist.group.WORLD for ranks in stages]
-        mine = next(i for i, ranks in enumerate(stages) if rank in ranks)
-        self.stage_group, self.stage_size = groups[mine], len(stages[mine])
-        # The stage's ranks on this machine share a memory region: rank `i` of the stage is slot `i`.
-        local = stages[mine].index(rank)
-        self.shm = SharedMemoryReducer(shm_path, wake_fds, local, self.stage_size, timeout_s) if shm_path else None
+        self.stage_group = groups[mine]
 
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.stage_size == 1:
