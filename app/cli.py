@@ -45,7 +45,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="move KV groups and MLP columns from slow ranks to fast ones while generating")
     p.add_argument("--balance-threshold", type=float, default=0.10,
                    help="rebalance when a rank's step time is off its stage's mean by more than this (default 0.10)")
-    p.add_argument("--balance-every", type=int, default=8, help="decode steps between two checks (default 8)")
+    p.add_argument("--balance-every", type=int, default=BalancerConfig.check_every,
+                   help=f"decode steps between two checks (default {BalancerConfig.check_every})")
     p.add_argument("--balance-max-groups", type=int, default=1, help="KV groups moved per migration (default 1)")
     p.add_argument("--slowdown", action="append", default=[], metavar="RANK:FACTOR[@STEP]",
                    help="simulate a slow device: stretch RANK's compute time by FACTOR (from forward step STEP)")

@@ -26,8 +26,8 @@ from .plan import Plan, RankShard, StageSpan, apportion, contiguous_ranges
 @dataclass(frozen=True)
 class BalancerConfig:
     threshold: float = 0.10  # a rank off its stage's mean step time by more than this is unbalanced
-    check_every: int = 8  # steps between two gathers of the ranks' times
-    min_interval: int = 16  # steps after a move before the next may start
+    check_every: int = 4  # steps between two gathers of the ranks' times
+    min_interval: int = 8  # steps after a move before the next may start
     patience: int = 2  # checks in a row a stage must be unbalanced
     max_groups: int = 1  # KV groups moved per event
     max_fraction: float = 0.5  # of a stage's MLP columns (and vocabulary rows) moved per event

@@ -129,7 +129,8 @@ class SliceReader:
         return name in self._where
 
     def whole(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        # A copy: a tensor read straight from the file would keep the whole file mapped.
+        return self._where[name].get_tensor(name).clone()
 
     def rows(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """Rows [a, b) for each range, concatenated; one contiguous read per range."""

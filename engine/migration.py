@@ -1,7 +1,8 @@
 """One plan epoch change on one rank, double-buffered.
 
 `prepare` starts a background thread that, while decoding goes on with the old shard,
-reads the rank's new shard from its own local checkpoint slices, allocates the new KV
+builds the rank's new shard (what the old one holds copied in memory, only the slices it
+gains read from its own local checkpoint: engine/reslice.py), allocates the new KV
 cache, copies the prefix of the KV heads it keeps, and exchanges with the other ranks
 of its stage the prefix of the KV heads that change owner (point to point, on a gloo
 group of its own). `switch`, at a step boundary that every rank reaches together, sends
@@ -13,7 +14,7 @@ the sends and receives pair up without any further message.
 
 The background thread shares the rank's cores (and the GIL) with the decode steps, so it
 runs at the lowest CPU priority (it mostly gets the time a rank spends waiting for others),
-reads one layer, then rests `PACE` times as long, and allocates the new KV cache layer by
+builds one layer, then rests `PACE` times as long, and allocates the new KV cache layer by
 layer. While it runs, the interpreter hands the GIL over every 0.1 ms instead of 5 ms, so a
 step's Python between two collectives does not queue behind the loader.
 """
@@ -51,7 +52,7 @@ def transfers(old: Plan, new: Plan, stage: int) -> list[Transfer]:
     return out
 
 
-PACE = 3.0
+PACE = 2.0
 
 
 def rest(seconds: float) -> None:
@@ -101,7 +102,7 @@ class Migration:
             if self.unchanged:  # it may still send KV heads it keeps to a rank that gains a replica
                 self.weights, self.k, self.v = m.w, m.k_cache, m.v_cache
             else:
-                self.weights = m.load(self.new, rest)
+                self.weights = m.load(self.new, rest, reuse=(self.old.ranks[m.rank], m.w))
                 shape = (m.slots, len(self.new.ranks[m.rank].kv_heads), m.context, m.cfg.head_dim)
                 for _ in m.k_cache:
                     t = time.perf_counter()

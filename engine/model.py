@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from .checkpoint import SliceReader, runs
 from .config import ModelConfig
 from .plan import Plan, RankShard
+from .reslice import ReusingReader, held_by_ends, held_by_layer
 
 
 @dataclass
@@ -57,11 +58,14 @@ class ShardWeights:
 
 
 def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
-               device: torch.device, after_layer=None) -> "ShardWeights":
+               device: torch.device, after_layer=None, reuse: "tuple[RankShard, ShardWeights] | None" = None
+               ) -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
     the LM head (last stage). `after_layer(seconds)` is called after each layer is read, with
-    the time it took: the balancer paces its background loads with it.
+    the time it took: the balancer paces its background loads with it. With `reuse` (the
+    rank's current shard and weights, in the same stage), what they hold is copied from
+    memory and only the rest is read (engine/reslice.py).
 
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.
@@ -70,17 +74,22 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
     first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
 
     def put(t):
-        # A copy: a tensor read straight from the file would keep the whole file mapped.
-        return t.to(device=device, dtype=dtype, copy=True).contiguous()
+        # Slices come back as fresh tensors (SliceReader copies what it reads): no second copy.
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    @contextmanager
+    def reader(held):
+        with SliceReader(model_dir) as r:
+            yield ReusingReader(r, held(*reuse)) if reuse else r
 
     layers = []
     for i in range(*stage.layers):
         t = time.perf_counter()
-        with SliceReader(model_dir) as r:
+        with reader(lambda old, w, i=i: held_by_layer(cfg, old, w.layers[i - stage.layers[0]], i)) as r:
             layers.append(load_layer(r, cfg, shard, i, put))
         if after_layer:
             after_layer(time.perf_counter() - t)
-    with SliceReader(model_dir) as r:
+    with reader(held_by_ends) as r:
         vocab = [shard.vocab_rows]
         tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
         embed = put(r.rows("model.embed_tokens.weight", vocab)) if first or (last and tied) else None
@@ -234,8 +243,11 @@ class StepClock:
     def __init__(self, slowdown: Slowdown = Slowdown()):
         self.slowdown = slowdown
         self.steps = 0  # forward steps counted so far (the warm-up is not)
-        self.window: deque[float] = deque(maxlen=1024)  # compute seconds since the driver last asked
+        # Compute seconds of the last steps under the current plan: the balancer judges their median,
+        # enough steps that a burst of noise on a shared machine does not look like a slow device.
+        self.window: deque[float] = deque(maxlen=16)
         self.recent: deque[float] = deque(maxlen=32)
+        self.overslept = 0.0  # seconds the simulated slowdown's sleeps overshot, owed back
 
     def start(self) -> None:
         self.t0 = self.mark = time.perf_counter()
@@ -252,8 +264,17 @@ class StepClock:
         self.waited += self.mark - t
 
     def _stretch_compute(self) -> None:
+        """Sleep (factor - 1) x the compute since the last mark. A sleep this short overshoots by
+        tens to hundreds of microseconds, 61 times a step; the overshoot is owed back on the next
+        sleep, so a rank slowed by 2 is 2x slower, not 2.6x."""
         if self.stretch > 1.0:
-            time.sleep((time.perf_counter() - self.mark) * (self.stretch - 1.0))
+            now = time.perf_counter()
+            owed = (now - self.mark) * (self.stretch - 1.0) - self.overslept
+            if owed > 0:
+                time.sleep(owed)
+                self.overslept = time.perf_counter() - now - owed
+            else:
+                self.overslept = -owed
 
     def stop(self, counted: bool) -> None:
         self._stretch_compute()

@@ -8,8 +8,8 @@ next header; the driver samples from the logits it gathers.
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -82,7 +82,6 @@ class Rank:
         row = torch.tensor([window, recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
                            device=self.model.device)
         if reset:
-            clock.window.clear()
             self.sent_bytes = 0
         return row
 
@@ -128,7 +127,7 @@ class Generation:
 
 @dataclass
 class RankTimes:
-    window_ms: float  # median compute ms per step since the driver last asked
+    window_ms: float  # median compute ms per step over the last 16 steps of the current plan
     recent_ms: float  # mean compute ms of the last 32 steps
     migration: int  # 0 none or preparing, 1 ready to switch, 2 failed
     sent_bytes: int  # KV bytes sent in migrations since last asked
@@ -331,8 +330,7 @@ class Rebalancer:
             "layers": list(old.stages[move.stage].layers), "kv_groups": move.kv_groups,
             "mlp_columns": move.mlp_columns, "from_rank": move.from_rank, "to_rank": move.to_rank,
             "reason": move.reason, "step_ms_before": [round(t, 3) for t in window], "step_ms_after": None,
-            "shares_after": move.plan.shares, "weight_bytes_moved": gained,
-            "weight_bytes_read": sum(shard_weight_bytes(cfg, move.plan, r) for r in changed),
+            "shares_after": move.plan.shares, "weight_bytes_moved": gained,  # what the takers read from their checkpoints
             "kv_bytes": 0, "bytes_moved": gained, "duration_s": None, "status": "preparing",
         }
         self.driver.prepare(move.plan)

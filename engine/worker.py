@@ -80,8 +80,8 @@ def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
     model = ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
                          compiled=spec.compile, slowdown=spec.slowdown_of(spec.rank), reshardable=spec.reshardable)
     # The balancer's new shards come from this rank's own slices of the local checkpoint.
-    model.load = lambda new_plan, after_layer=None: load_shard(Path(spec.model_dir), cfg, new_plan, spec.rank, dtype,
-                                                               device, after_layer)
+    model.load = lambda new_plan, after_layer=None, reuse=None: load_shard(
+        Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse)
     return model
 
 

@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 
 from conftest import llmd
 from llmd.engine.balancer import BalancerConfig, TimeModel, decide, equal_time_shares, spread
-from llmd.engine.config import ModelConfig
+from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import BadPlan
+from llmd.engine.memory import shard_weight_bytes
 from llmd.engine.migration import Transfer, transfers
-from llmd.engine.plan import check_plan, make_pipeline_plan, make_plan
+from llmd.engine.plan import Plan, check_plan, make_pipeline_plan, make_plan
 from llmd.engine.presets import preset
 from reference import teacher_forced_logits
 
@@ -157,6 +158,10 @@ def assert_exact(model_dir, out, got):
     assert ref[n - 1 : n + steps].argmax(-1).tolist() == generated  # greedy tokens identical
 
 
+def shard_bytes(model_dir, plan: dict, rank: int) -> int:
+    return shard_weight_bytes(ModelConfig.from_hf(load_hf_config(model_dir)), Plan.from_dict(plan), rank)
+
+
 def switched(out) -> list[dict]:
     return [e for e in out["migrations"] if e["status"] == "done"]
 
@@ -181,7 +186,9 @@ def test_two_workers_one_slowed_stay_exact_across_migrations(default_model_dir, 
     out, got = slowed_two_workers
     events = switched(out)
     assert events, "the balancer never moved anything off the slowed rank"
-    assert all(e["from_rank"] == 0 and e["to_rank"] == 1 for e in events)
+    assert events[0]["from_rank"] == 0 and events[0]["to_rank"] == 1
+    # Later moves may correct an overshoot, but on balance the slowed rank ends with less.
+    assert shard_bytes(default_model_dir, out["final_plan"], 0) < shard_bytes(default_model_dir, out["plan"], 0)
     assert events[0]["switch_step"] < 128  # so the exactness check covers steps on both sides of a switch
     assert out["final_plan"]["epoch"] == len(events)
     assert_exact(default_model_dir, out, got)
@@ -217,13 +224,9 @@ def test_migration_inside_a_pipeline_stage(default_model_dir, tmp_path):
 
 
 def test_no_oscillation_without_a_slowdown(default_model_dir):
-    """256 steps with only machine noise: nothing moves back and forth. (The driver's rank runs
-    about 10% slower than a worker with the compiled step on this machine, so one corrective
-    move may happen; a second, or one that undoes it, would be noise-chasing.)"""
+    """256 steps with only machine noise: nothing moves."""
     out = llmd("generate", "--model", str(default_model_dir), "--workers", "2", "--balance", "on", "--greedy",
                "--ignore-eos", "--max-new-tokens", "257", "--json", PROMPT, timeout=400).json
     assert len(out["decode_step_ms"]) == 256
-    events = out["migrations"]
-    print(f"migrations without a slowdown: {len(events)}; per-rank ms {out['rank_step_ms']}")
-    assert len(events) <= 1, events
-    assert all(e["from_rank"] == 0 for e in events), events  # only ever off the driver's rank
+    print(f"migrations without a slowdown: {len(out['migrations'])}; per-rank ms {out['rank_step_ms']}")
+    assert out["migrations"] == []
