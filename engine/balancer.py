@@ -12,7 +12,8 @@ columns and vocabulary rows, so one event stays small and the next check sees it
 Against oscillation: a stage is only rebalanced when a rank is off the stage mean by more
 than `threshold` at `patience` checks in a row (hysteresis), no sooner than `min_interval`
 steps after the last move, and only when the move is predicted to shrink the spread by more
-than `threshold / 2` (a move that would not clearly help is noise-chasing).
+than `threshold` (a move that would not clearly help is noise-chasing, and every move
+disturbs the steps it overlaps).
 """
 
 from dataclasses import dataclass, replace
@@ -121,8 +122,8 @@ def plan_move(plan: Plan, cfg: ModelConfig, index: int, times: list[float], bc: 
     shards = shifted_shards(plan, cfg, index, target, slow, fast, bc)
     new = replace_stage(plan, index, shards, target)
     predicted = [m.time(shard_weight_bytes(cfg, new, r)) for r, m in zip(stage.ranks, models)]
-    if spread(predicted) > spread(times) - bc.threshold / 2:
-        return None  # would not clearly help: granularity or noise
+    if spread(predicted) > spread(times) - bc.threshold:
+        return None  # would not clearly help (granularity or noise): not worth a migration's disruption
     moved = sorted(set(plan.ranks[stage.ranks[slow]].q_heads if plan.kv_replicated else
                        plan.ranks[stage.ranks[slow]].kv_heads) - set(shards[slow].q_heads if plan.kv_replicated
                                                                       else shards[slow].kv_heads))

@@ -2,9 +2,10 @@
 
 When the balancer moves a few heads and columns, most of a rank's new shard is already in
 memory: the giver keeps a subset of its rows, the taker adds some. `ReusingReader` stands in
-for the checkpoint's `SliceReader` while a new shard is loaded: every range of a tensor that
-the old shard holds is copied from memory, and only the rest is read from the file. The
-values are the same either way, so a move never changes a logit.
+for the checkpoint's `SliceReader` while a new shard is loaded: a tensor the move leaves as it was is shared
+with the old shard, every other range the old shard holds is copied from memory, and only
+the rest is read from the file. The values are the same either way, so a move never
+changes a logit.
 """
 
 import torch
@@ -39,6 +40,8 @@ class ReusingReader:
         tensor, held_dim, have = self.held.get(name, (None, None, []))
         if held_dim != dim:
             have = []
+        if have and list(ranges) == list(have) and tensor.is_contiguous():
+            return tensor  # unchanged by the move: shared, never copied (weights are never written in place)
         parts = []
         for a, b in ranges:
             for start, end, local in pieces(a, b, have):
