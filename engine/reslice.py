@@ -2,10 +2,10 @@
 
 When the balancer moves a few heads and columns, most of a rank's new shard is already in
 memory: the giver keeps a subset of its rows, the taker adds some. `ReusingReader` stands in
-for the checkpoint's `SliceReader` while a new shard is loaded: a tensor the move leaves as it was is shared
-with the old shard, every other range the old shard holds is copied from memory, and only
-the rest is read from the file. The values are the same either way, so a move never
-changes a logit.
+for the checkpoint's `SliceReader` while a new shard is loaded: a tensor the move leaves as
+it was is shared with the old shard, every other range the old shard holds is copied from
+memory, and only the rest is read from the file. The values are the same either way, so a
+move never changes a logit.
 """
 
 import torch
