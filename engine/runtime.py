@@ -58,7 +58,7 @@ class Rank:
             model.clear_slot(B)
             return None
         if op == OP_TIMES:
-            return model.comm.gather_to_driver(self.times(reset=not flags), [TIMES_FIELDS] * model.comm.world_size)
+            return model.comm.gather_to_driver(self.times(reset_sent=not flags), [TIMES_FIELDS] * model.comm.world_size)
         if op == OP_PREPARE:
             plan = Plan.from_json(bytes(payload.tolist()).decode())
             self.migration = Migration(model, plan)
@@ -74,14 +74,14 @@ class Rank:
             return None
         raise ValueError(f"unknown op {op}")
 
-    def times(self, reset: bool) -> torch.Tensor:
+    def times(self, reset_sent: bool) -> torch.Tensor:
         clock = self.model.clock
         window = statistics.median(clock.window) * 1e3 if clock.window else 0.0
         recent = statistics.fmean(clock.recent) * 1e3 if clock.recent else 0.0
         status = self.migration.status if self.migration else 0
         row = torch.tensor([window, recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
                            device=self.model.device)
-        if reset:
+        if reset_sent:  # the KV bytes are counted per event
             self.sent_bytes = 0
         return row
 
@@ -188,9 +188,10 @@ class Driver:
         return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1)}
                 for r, (a, b) in enumerate(table.tolist())]
 
-    def times(self, reset: bool = True) -> list[RankTimes]:
-        """Every rank's compute times (without collective waits) and migration state."""
-        table = self._step(OP_TIMES, 0, 0, 0 if reset else 1, []).view(-1, TIMES_FIELDS).cpu().tolist()
+    def times(self, reset_sent: bool = True) -> list[RankTimes]:
+        """Every rank's compute times (without collective waits) and migration state; `reset_sent`
+        starts the ranks' count of KV bytes sent afresh."""
+        table = self._step(OP_TIMES, 0, 0, 0 if reset_sent else 1, []).view(-1, TIMES_FIELDS).cpu().tolist()
         return [RankTimes(w, r, int(m), int(b), int(n)) for w, r, m, b, n in table]
 
     def prepare(self, plan: Plan) -> None:
@@ -260,7 +261,7 @@ class Driver:
             out.decode_step_ms.append((time.perf_counter() - step_start) * 1e3)
         out.decode_s = time.perf_counter() - t1
         self.clear_slot(slot)
-        out.rank_step_ms = [round(t.recent_ms, 3) for t in self.times(reset=False)]
+        out.rank_step_ms = [round(t.recent_ms, 3) for t in self.times(reset_sent=False)]
         if self.rebalancer:
             self.rebalancer.finish_pending_reports()
             out.migrations = [dict(e) for e in self.rebalancer.events[first_event:]]
@@ -290,7 +291,7 @@ class Rebalancer:
             return
         # While a move is being prepared, ask every other step whether it is ready, so it switches soon.
         self.next_check = self.steps + (min(2, self.config.check_every) if self.pending else self.config.check_every)
-        times = self.driver.times(reset=not self.pending)  # the window of a plan spans its checks
+        times = self.driver.times(reset_sent=not self.pending)  # a move's KV bytes add up until its switch
         window = [t.window_ms for t in times]
         if self.pending:
             self._advance(times)
