@@ -9,11 +9,12 @@ step that moving bytes does not change. The new shares equalise the modelled tim
 (query heads where KV heads are replicated) and at most `max_fraction` of the stage's MLP
 columns and vocabulary rows, so one event stays small and the next check sees its effect.
 
-Against oscillation: a stage is only rebalanced when a rank is off the stage mean by more
-than `threshold` at `patience` checks in a row (hysteresis), no sooner than `min_interval`
-steps after the last move, and only when the move is predicted to shrink the spread by more
-than `threshold` (a move that would not clearly help is noise-chasing, and every move
-disturbs the steps it overlaps).
+Against oscillation: a stage is only rebalanced when the same rank has been its slowest, off
+the stage mean by more than `threshold`, for `patience` steps (hysteresis: with the caller's
+16-step windows, two disjoint windows must agree, so a burst of noise on a shared machine is
+not taken for a slow device), no sooner than `min_interval` steps after the last move, and
+only when the move is predicted to shrink the spread by more than `threshold` (a move that
+would not clearly help is noise-chasing, and every move disturbs the steps it overlaps).
 """
 
 from dataclasses import dataclass, replace
@@ -29,15 +30,17 @@ class BalancerConfig:
     threshold: float = 0.10  # a rank off its stage's mean step time by more than this is unbalanced
     check_every: int = 4  # steps between two gathers of the ranks' times
     min_interval: int = 8  # steps after a move before the next may start
-    patience: int = 2  # checks in a row a stage must be unbalanced
+    patience: int = 16  # steps an imbalance must persist (same slowest rank) before a move
     max_groups: int = 1  # KV groups moved per event
     max_fraction: float = 0.5  # of a stage's MLP columns (and vocabulary rows) moved per event
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
             raise BadPlan(f"the balance threshold must be between 0 and 1, got {self.threshold}")
-        if self.check_every < 1 or self.min_interval < 0 or self.patience < 1 or self.max_groups < 1:
-            raise BadPlan("check interval, patience and max groups must be at least 1")
+        if self.check_every < 1 or self.max_groups < 1:
+            raise BadPlan("the check interval and max groups must be at least 1")
+        if self.min_interval < 0 or self.patience < 0:
+            raise BadPlan("the minimum interval and patience cannot be negative")
         if not 0 < self.max_fraction <= 1:
             raise BadPlan(f"max_fraction must be in (0, 1], got {self.max_fraction}")
 
@@ -91,11 +94,11 @@ def equal_time_shares(models: list[TimeModel], total: float) -> list[float]:
     return [b / sum(nbytes) for b in nbytes]
 
 
-def decide(plan: Plan, cfg: ModelConfig, step_ms: list[float], bc: BalancerConfig, unbalanced_checks: int,
+def decide(plan: Plan, cfg: ModelConfig, step_ms: list[float], bc: BalancerConfig, unbalanced_steps: int,
            steps_since_move: int, history: dict[int, list[tuple[float, float]]] | None = None) -> Move | None:
-    """A move for the first stage that needs one, or None. `unbalanced_checks` counts earlier checks
-    in a row that found some stage off by more than the threshold (this check not included);
-    `history[rank]` holds earlier (weight bytes, step ms) measurements, oldest first."""
+    """A move for the first stage that needs one, or None. `unbalanced_steps` is how long the
+    imbalance seen now has lasted (see `Persistence`); `history[rank]` holds earlier (weight bytes,
+    step ms) measurements, oldest first."""
     for index, stage in enumerate(plan.stages):
         if len(stage.ranks) < 2:
             continue  # one rank: nothing to share with
@@ -104,12 +107,33 @@ def decide(plan: Plan, cfg: ModelConfig, step_ms: list[float], bc: BalancerConfi
             continue  # no measurement yet
         if spread(times) <= bc.threshold:
             continue  # balanced within the threshold
-        if unbalanced_checks + 1 < bc.patience or steps_since_move < bc.min_interval:
+        if unbalanced_steps < bc.patience or steps_since_move < bc.min_interval:
             return None  # hysteresis: let it persist, and let the last move settle
         move = plan_move(plan, cfg, index, times, bc, history or {})
         if move is not None:
             return move
     return None
+
+
+def imbalance(plan: Plan, step_ms: list[float], bc: BalancerConfig) -> tuple[tuple[int, int], ...]:
+    """(stage, slowest rank) of every stage off by more than the threshold: what must stay the same
+    from check to check for an imbalance to count as lasting."""
+    return tuple((index, max(stage.ranks, key=lambda r: step_ms[r])) for index, stage in enumerate(plan.stages)
+                 if len(stage.ranks) > 1 and spread([step_ms[r] for r in stage.ranks]) > bc.threshold)
+
+
+@dataclass
+class Persistence:
+    """How long the imbalance seen at a check has lasted: the same stages off, with the same
+    slowest ranks, at every check since it was first seen. A new plan starts afresh."""
+
+    seen: tuple = ()
+    since: int = 0  # the step it was first seen
+
+    def lasted(self, seen: tuple, step: int) -> int:
+        if seen != self.seen:
+            self.seen, self.since = seen, step
+        return step - self.since if seen else 0
 
 
 def plan_move(plan: Plan, cfg: ModelConfig, index: int, times: list[float], bc: BalancerConfig,

@@ -236,6 +236,9 @@ class Slowdown:
     from_step: int = 0
 
 
+WINDOW_STEPS = 16  # the steps of the current plan a rank's time is judged on
+
+
 class StepClock:
     """This rank's compute time per step, without the time it waits in collectives; and, when asked,
     a slower device simulated by sleeping (factor - 1) x each compute stretch before its collective."""
@@ -245,7 +248,7 @@ class StepClock:
         self.steps = 0  # forward steps counted so far (the warm-up is not)
         # Compute seconds of the last steps under the current plan: the balancer judges their median,
         # enough steps that a burst of noise on a shared machine does not look like a slow device.
-        self.window: deque[float] = deque(maxlen=16)
+        self.window: deque[float] = deque(maxlen=WINDOW_STEPS)
         self.recent: deque[float] = deque(maxlen=32)
         self.overslept = 0.0  # seconds the simulated slowdown's sleeps overshot, owed back
 

@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .balancer import BalancerConfig, Move, decide, spread
+from .balancer import BalancerConfig, Move, Persistence, decide, imbalance
 from .errors import PromptTooLong, WorkerLost
 from .memory import shard_weight_bytes
 from .migration import Migration
-from .model import ShardedModel
+from .model import WINDOW_STEPS, ShardedModel
 from .plan import Plan
 from .sampling import SamplingParams, sample
 
 OP_FORWARD, OP_STATS, OP_CLEAR, OP_TIMES, OP_PREPARE, OP_SWITCH, OP_ABORT, OP_SHUTDOWN = 1, 2, 3, 4, 5, 6, 7, 9
 FLAG_ALL_LOGITS, FLAG_UNCOUNTED = 1, 2  # OP_FORWARD's flags: every position's logits; not a timed step
-TIMES_FIELDS = 5  # per rank: window median ms, last-32 mean ms, migration status, KV bytes sent, steps
+TIMES_FIELDS = 6  # per rank: window median ms, steps in the window, last-32 mean ms, migration status, KV bytes sent, steps
 
 
 def peak_rss_mb() -> float:
@@ -79,7 +79,7 @@ class Rank:
         window = statistics.median(clock.window) * 1e3 if clock.window else 0.0
         recent = statistics.fmean(clock.recent) * 1e3 if clock.recent else 0.0
         status = self.migration.status if self.migration else 0
-        row = torch.tensor([window, recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
+        row = torch.tensor([window, len(clock.window), recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
                            device=self.model.device)
         if reset_sent:  # the KV bytes are counted per event
             self.sent_bytes = 0
@@ -127,7 +127,8 @@ class Generation:
 
 @dataclass
 class RankTimes:
-    window_ms: float  # median compute ms per step over the last 16 steps of the current plan
+    window_ms: float  # median compute ms per step over the last WINDOW_STEPS steps of the current plan
+    window_steps: int  # how many steps that is (fewer just after a start or a switch)
     recent_ms: float  # mean compute ms of the last 32 steps
     migration: int  # 0 none or preparing, 1 ready to switch, 2 failed
     sent_bytes: int  # KV bytes sent in migrations since last asked
@@ -192,7 +193,7 @@ class Driver:
         """Every rank's compute times (without collective waits) and migration state; `reset_sent`
         starts the ranks' count of KV bytes sent afresh."""
         table = self._step(OP_TIMES, 0, 0, 0 if reset_sent else 1, []).view(-1, TIMES_FIELDS).cpu().tolist()
-        return [RankTimes(w, r, int(m), int(b), int(n)) for w, r, m, b, n in table]
+        return [RankTimes(w, int(k), r, int(m), int(b), int(n)) for w, k, r, m, b, n in table]
 
     def prepare(self, plan: Plan) -> None:
         data = list(plan.to_json().encode())
@@ -278,10 +279,11 @@ class Rebalancer:
         self.steps = 0
         self.next_check = config.check_every
         self.since_move = config.min_interval  # the first move need not wait for an earlier one
-        self.unbalanced = 0  # checks in a row that found a stage off by more than the threshold
+        self.persistence = Persistence()
         self.pending: tuple[Move, dict, float] | None = None
         self.events: list[dict] = []
         self._awaiting_after: list[dict] = []  # switched events whose step times after are not known yet
+        self._kv_sent = 0  # KV bytes the ranks sent since the last event took them
         self.history: dict[int, list[tuple[float, float]]] = {}  # rank -> (weight bytes, step ms), last per plan
 
     def after_step(self) -> None:
@@ -291,18 +293,19 @@ class Rebalancer:
             return
         # While a move is being prepared, ask every other step whether it is ready, so it switches soon.
         self.next_check = self.steps + (min(2, self.config.check_every) if self.pending else self.config.check_every)
-        times = self.driver.times(reset_sent=not self.pending)  # a move's KV bytes add up until its switch
-        window = [t.window_ms for t in times]
+        times = self.driver.times()
+        self._kv_sent += sum(t.sent_bytes for t in times)
         if self.pending:
             self._advance(times)
             return
-        self._report_after(window, sum(t.sent_bytes for t in times))
+        if min(t.window_steps for t in times) < WINDOW_STEPS:
+            return  # a rank has run the current plan for less than a full window: too little to judge
+        window = [t.window_ms for t in times]
+        self._report_after(window)
         plan, cfg = self.driver.plan, self.driver.model.cfg
-        move = decide(plan, cfg, window, self.config, self.unbalanced, self.since_move, self.history)
+        lasted = self.persistence.lasted(imbalance(plan, window, self.config), self.steps)
+        move = decide(plan, cfg, window, self.config, lasted, self.since_move, self.history)
         self._remember(plan, window)
-        off = any(len(st.ranks) > 1 and spread([window[r] for r in st.ranks]) > self.config.threshold
-                  for st in plan.stages)
-        self.unbalanced = self.unbalanced + 1 if off else 0
         if move:
             self._start(move, window)
 
@@ -346,23 +349,27 @@ class Rebalancer:
         elif all(s == 1 for s in states):
             self.driver.switch()
             event.update(status="done", duration_s=round(time.perf_counter() - started, 3), switch_step=self.steps)
-            self.next_check = self.steps + self.config.check_every  # a full window of the new plan
+            self.next_check = self.steps + WINDOW_STEPS  # the new plan is judged on a full window of its own
             self._awaiting_after.append(event)
-            self.since_move, self.unbalanced = 0, 0
+            self.since_move, self.persistence = 0, Persistence()
         else:
             return  # still preparing in the background; decoding goes on
         self.events.append(event)
         self.pending = None
 
-    def _report_after(self, window: list[float], sent_bytes: int) -> None:
-        """The first times gathered after a switch are that move's 'after' figures (and its KV bytes)."""
+    def _report_after(self, window: list[float]) -> None:
+        """The first full window after a switch gives that move's 'after' figures; the KV bytes sent
+        at the switch are the move's too."""
         for event in self._awaiting_after:
             event["step_ms_after"] = [round(t, 3) for t in window]
-            event["kv_bytes"] += sent_bytes
-            event["bytes_moved"] += sent_bytes
+            event["kv_bytes"] += self._kv_sent
+            event["bytes_moved"] += self._kv_sent
+            self._kv_sent = 0
         self._awaiting_after = []
 
     def finish_pending_reports(self) -> None:
+        """At the end of a generation: a switched move's figures from what the new plan has run so far."""
         if self._awaiting_after:
             times = self.driver.times()
-            self._report_after([t.window_ms for t in times], sum(t.sent_bytes for t in times))
+            self._kv_sent += sum(t.sent_bytes for t in times)
+            self._report_after([t.window_ms for t in times])

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import llmd
-from llmd.engine.balancer import BalancerConfig, TimeModel, decide, equal_time_shares, spread
+from llmd.engine.balancer import (BalancerConfig, Persistence, TimeModel, decide, equal_time_shares, imbalance,
+                                  spread)
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import BadPlan
 from llmd.engine.memory import shard_weight_bytes
@@ -33,16 +34,31 @@ BC = BalancerConfig()
 
 def test_no_move_while_balanced_or_before_patience_or_too_soon():
     plan = make_plan(SMOL, [1.0, 1.0])
-    assert decide(plan, SMOL, [50.0, 52.0], BC, unbalanced_checks=5, steps_since_move=100) is None  # within 10%
-    assert decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_checks=0, steps_since_move=100) is None  # first sighting
-    assert decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_checks=1, steps_since_move=3) is None  # too soon
-    move = decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_checks=1, steps_since_move=100)
+    lasted = BC.patience
+    assert decide(plan, SMOL, [50.0, 52.0], BC, unbalanced_steps=lasted, steps_since_move=100) is None  # within 10%
+    assert decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_steps=0, steps_since_move=100) is None  # first sighting
+    assert decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_steps=lasted - 1, steps_since_move=100) is None
+    assert decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_steps=lasted, steps_since_move=3) is None  # too soon
+    move = decide(plan, SMOL, [100.0, 50.0], BC, unbalanced_steps=lasted, steps_since_move=100)
     assert move is not None and (move.from_rank, move.to_rank) == (0, 1)
+
+
+def test_an_imbalance_lasts_only_while_the_same_rank_stays_slowest():
+    plan = make_pipeline_plan(SMOL, [1.0, 1.0, 1.0], 2)  # stage 0: ranks 0, 1; stage 1: rank 2 alone
+    assert imbalance(plan, [50.0, 52.0, 90.0], BC) == ()  # within 10%; a lone rank is never off
+    assert imbalance(plan, [100.0, 50.0, 10.0], BC) == ((0, 0),)
+    seen = Persistence()
+    assert seen.lasted(imbalance(plan, [100.0, 50.0, 10.0], BC), step=16) == 0  # first seen
+    assert seen.lasted(imbalance(plan, [90.0, 60.0, 10.0], BC), step=24) == 8
+    assert seen.lasted(imbalance(plan, [50.0, 90.0, 10.0], BC), step=28) == 0  # now the other rank: noise so far
+    assert seen.lasted(imbalance(plan, [50.0, 90.0, 10.0], BC), step=44) == 16
+    assert seen.lasted(imbalance(plan, [50.0, 51.0, 10.0], BC), step=48) == 0  # balanced again
+    assert seen.lasted(imbalance(plan, [50.0, 90.0, 10.0], BC), step=52) == 0  # and a fresh start
 
 
 def test_a_move_is_bounded_and_goes_from_slow_to_fast():
     plan = make_plan(SMOL, [1.0, 1.0])  # rank 0: KV groups 0-1, rank 1: group 2
-    move = decide(plan, SMOL, [100.0, 50.0], BC, 1, 100)
+    move = decide(plan, SMOL, [100.0, 50.0], BC, BC.patience, 100)
     new = move.plan
     check_plan(new, SMOL)
     assert new.epoch == plan.epoch + 1
@@ -58,14 +74,14 @@ def test_no_move_when_it_would_not_clearly_help():
     plan = make_plan(SMOL, [1.0, 1.0, 1.0])
     times = [58.0, 49.0, 50.0]
     assert spread(times) > BC.threshold
-    move = decide(plan, SMOL, times, BalancerConfig(max_fraction=0.001), 1, 100)
+    move = decide(plan, SMOL, times, BalancerConfig(max_fraction=0.001), BC.patience, 100)
     assert move is None
 
 
 def test_replicated_kv_heads_move_query_heads():
     plan = make_plan(SMOL, [1.0] * 4)  # 4 ranks, 3 KV heads: query heads split, KV heads replicated
     assert plan.kv_replicated
-    move = decide(plan, SMOL, [50.0, 50.0, 50.0, 200.0], BC, 1, 100)
+    move = decide(plan, SMOL, [50.0, 50.0, 50.0, 200.0], BC, BC.patience, 100)
     check_plan(move.plan, SMOL)
     assert len(move.plan.ranks[3].q_heads) < len(plan.ranks[3].q_heads)
     assert 0 < len(move.kv_groups) <= SMOL.group_size  # max_groups = 1 group's worth of query heads
@@ -73,7 +89,7 @@ def test_replicated_kv_heads_move_query_heads():
 
 def test_pipeline_moves_stay_inside_their_stage():
     plan = make_pipeline_plan(SMOL, [1.0, 1.0, 1.0], 2)  # stage 0: ranks 0, 1; stage 1: rank 2
-    move = decide(plan, SMOL, [50.0, 100.0, 10.0], BC, 1, 100)  # rank 2 alone in its stage: ignored
+    move = decide(plan, SMOL, [50.0, 100.0, 10.0], BC, BC.patience, 100)  # rank 2 alone in its stage: ignored
     assert move.stage == 0 and {move.from_rank, move.to_rank} == {0, 1}
     assert move.plan.ranks[2] == plan.ranks[2] and move.plan.stages == plan.stages
     check_plan(move.plan, SMOL)
@@ -81,7 +97,7 @@ def test_pipeline_moves_stay_inside_their_stage():
 
 def test_transfers_name_each_gained_head_once():
     old = make_plan(SMOL, [1.0, 1.0])
-    new = decide(old, SMOL, [100.0, 50.0], BC, 1, 100).plan
+    new = decide(old, SMOL, [100.0, 50.0], BC, BC.patience, 100).plan
     assert transfers(old, new, 0) == [Transfer(src=0, dst=1, head=1)]
     assert transfers(old, old, 0) == []
 
@@ -102,6 +118,8 @@ def test_bad_knobs():
         BalancerConfig(threshold=0)
     with pytest.raises(BadPlan):
         BalancerConfig(check_every=0)
+    with pytest.raises(BadPlan):
+        BalancerConfig(patience=-1)
 
 
 @st.composite
@@ -126,7 +144,7 @@ def shapes_and_times(draw):
 @given(shapes_and_times())
 def test_every_move_keeps_a_valid_plan_and_its_bounds(case):
     cfg, plan, times = case
-    move = decide(plan, cfg, times, BC, 1, 100)
+    move = decide(plan, cfg, times, BC, BC.patience, 100)
     if move is None:
         return
     check_plan(move.plan, cfg)  # every layer, head, column and row still owned exactly once per stage
