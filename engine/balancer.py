@@ -125,7 +125,9 @@ def imbalance(plan: Plan, step_ms: list[float], bc: BalancerConfig) -> tuple[tup
 @dataclass
 class Persistence:
     """How long the imbalance seen at a check has lasted: the same stages off, with the same
-    slowest ranks, at every check since it was first seen. A new plan starts afresh."""
+    slowest ranks, at every check since it was first seen (checks while a move is prepared
+    and the new plan's first window are not judged: a move that leaves the same rank slowest
+    continues the imbalance it was made for)."""
 
     seen: tuple = ()
     since: int = 0  # the step it was first seen

@@ -6,6 +6,7 @@ KV heads, its MLP columns and its vocabulary rows. Two all-reduces per layer
 embedding lookup. The KV cache is static: [slots, local KV heads, context, head_dim].
 """
 
+import os
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -57,13 +58,17 @@ class ShardWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+VOCAB_BLOCK = 4096  # vocabulary rows read between two rests of a paced load
+
+
 def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
                device: torch.device, after_layer=None, reuse: "tuple[RankShard, ShardWeights] | None" = None
                ) -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
     the LM head (last stage). `after_layer(seconds)` is called after each layer is read, with
-    the time it took: the balancer paces its background loads with it. With `reuse` (the
+    the time it took, and after each block of `VOCAB_BLOCK` vocabulary rows: the balancer
+    paces its background loads with it. With `reuse` (the
     rank's current shard and weights, in the same stage), what they hold is copied from
     memory and only the rest is read (engine/reslice.py).
 
@@ -82,6 +87,20 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
         with SliceReader(model_dir) as r:
             yield ReusingReader(r, held(*reuse)) if reuse else r
 
+    def vocab(r, name: str) -> torch.Tensor:
+        """This rank's vocabulary rows of `name`. Paced, block by block into one tensor: the
+        vocabulary is a shard's largest tensor, and read at once it would crowd a decode step."""
+        if after_layer is None or (reuse and reuse[0].vocab_rows == shard.vocab_rows):
+            return put(r.rows(name, [shard.vocab_rows]))  # unpaced, or unchanged (then shared, not copied)
+        a, b = shard.vocab_rows
+        out = torch.empty(b - a, cfg.hidden_size, dtype=dtype, device=device)
+        for start in range(a, b, VOCAB_BLOCK):
+            t = time.perf_counter()
+            end = min(start + VOCAB_BLOCK, b)
+            out[start - a : end - a] = r.rows(name, [(start, end)])
+            after_layer(time.perf_counter() - t)
+        return out
+
     layers = []
     for i in range(*stage.layers):
         t = time.perf_counter()
@@ -90,12 +109,11 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
         if after_layer:
             after_layer(time.perf_counter() - t)
     with reader(held_by_ends) as r:
-        vocab = [shard.vocab_rows]
         tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
-        embed = put(r.rows("model.embed_tokens.weight", vocab)) if first or (last and tied) else None
+        embed = vocab(r, "model.embed_tokens.weight") if first or (last and tied) else None
         lm_head = None
         if last:
-            lm_head = embed if tied else put(r.rows("lm_head.weight", vocab))
+            lm_head = embed if tied else vocab(r, "lm_head.weight")
         final_norm = put(r.whole("model.norm.weight")) if last else None
     if not first:
         embed = None  # the last stage read the rows only as its tied LM head

@@ -351,7 +351,9 @@ class Rebalancer:
             event.update(status="done", duration_s=round(time.perf_counter() - started, 3), switch_step=self.steps)
             self.next_check = self.steps + WINDOW_STEPS  # the new plan is judged on a full window of its own
             self._awaiting_after.append(event)
-            self.since_move, self.persistence = 0, Persistence()
+            # Not a fresh start for the imbalance: if the new plan's first full window still has the same
+            # rank slowest, that is the imbalance this move was made for, already shown to last.
+            self.since_move = 0
         else:
             return  # still preparing in the background; decoding goes on
         self.events.append(event)

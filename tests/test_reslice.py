@@ -8,6 +8,7 @@ import torch
 
 from llmd.engine.checkpoint import SliceReader
 from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine import model
 from llmd.engine.model import load_layer, load_shard
 from llmd.engine.plan import make_plan
 from llmd.engine.reslice import ReusingReader, held_by_layer, pieces
@@ -40,6 +41,20 @@ def test_a_reused_shard_equals_a_fresh_read(tiny_models, kind, before, after):
         assert len(fresh.tensors()) == len(reused.tensors())
         for a, b in zip(fresh.tensors(), reused.tensors(), strict=True):
             assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_a_paced_load_rests_after_each_layer_and_vocabulary_block(tiny_models, monkeypatch):
+    monkeypatch.setattr(model, "VOCAB_BLOCK", 7)  # several blocks on a tiny vocabulary
+    model_dir = tiny_models["llama-gqa"]  # untied: an embedding and an LM head, both paced
+    cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+    old, new = make_plan(cfg, [1, 1]), make_plan(cfg, [1, 3])
+    for rank in range(2):
+        held = load(model_dir, old, rank)
+        rests = []
+        paced = load_shard(model_dir, cfg, new, rank, torch.float32, CPU, rests.append, reuse=(old.ranks[rank], held))
+        blocks = -(-new.ranks[rank].num_vocab_rows // 7)
+        assert len(rests) == cfg.num_layers + 2 * blocks
+        assert all(torch.equal(x, y) for x, y in zip(load(model_dir, new, rank).tensors(), paced.tensors(), strict=True))
 
 
 def test_what_a_move_leaves_alone_is_shared_not_copied(tiny_models):
