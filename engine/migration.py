@@ -15,8 +15,9 @@ the sends and receives pair up without any further message.
 The background thread shares the rank's cores (and the GIL) with the decode steps, so it
 runs at the lowest CPU priority (it mostly gets the time a rank spends waiting for others),
 builds one layer (or block of vocabulary rows), then rests `PACE` times as long, and
-allocates the new KV cache layer by layer. While it runs, the interpreter hands the GIL over every 0.1 ms instead of 5 ms, so a
-step's Python between two collectives does not queue behind the loader.
+allocates the new KV cache layer by layer. While it runs, the interpreter hands the GIL
+over every 0.1 ms instead of 5 ms, so a step's Python between two collectives does not
+queue behind the loader.
 """
 
 import os

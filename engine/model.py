@@ -66,11 +66,10 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
                ) -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
-    the LM head (last stage). `after_layer(seconds)` is called after each layer is read, with
-    the time it took, and after each block of `VOCAB_BLOCK` vocabulary rows: the balancer
-    paces its background loads with it. With `reuse` (the
-    rank's current shard and weights, in the same stage), what they hold is copied from
-    memory and only the rest is read (engine/reslice.py).
+    the LM head (last stage). `after_layer(seconds)` is called after each layer, and after
+    each block of `VOCAB_BLOCK` vocabulary rows, with the time it took: the balancer paces its
+    background loads with it. With `reuse` (the rank's current shard and weights, in the same
+    stage), what they hold is copied from memory and only the rest is read (engine/reslice.py).
 
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.

@@ -23,7 +23,7 @@ from .sampling import SamplingParams, sample
 
 OP_FORWARD, OP_STATS, OP_CLEAR, OP_TIMES, OP_PREPARE, OP_SWITCH, OP_ABORT, OP_SHUTDOWN = 1, 2, 3, 4, 5, 6, 7, 9
 FLAG_ALL_LOGITS, FLAG_UNCOUNTED = 1, 2  # OP_FORWARD's flags: every position's logits; not a timed step
-TIMES_FIELDS = 6  # per rank: window median ms, steps in the window, last-32 mean ms, migration status, KV bytes sent, steps
+TIMES_FIELDS = 6  # per rank: window median ms and its steps, last-32 mean ms, migration status, KV bytes sent, steps
 
 
 def peak_rss_mb() -> float:
@@ -79,8 +79,8 @@ class Rank:
         window = statistics.median(clock.window) * 1e3 if clock.window else 0.0
         recent = statistics.fmean(clock.recent) * 1e3 if clock.recent else 0.0
         status = self.migration.status if self.migration else 0
-        row = torch.tensor([window, len(clock.window), recent, status, self.sent_bytes, clock.steps], dtype=torch.float64,
-                           device=self.model.device)
+        row = torch.tensor([window, len(clock.window), recent, status, self.sent_bytes, clock.steps],
+                           dtype=torch.float64, device=self.model.device)
         if reset_sent:  # the KV bytes are counted per event
             self.sent_bytes = 0
         return row

@@ -191,8 +191,8 @@ def assert_no_pause(out):
     for e in switched(out):
         before = steps[max(0, e["step"] - 17) : e["step"] - 1]
         during = steps[e["step"] - 1 : e["switch_step"] + 1]
-        print(f"move at step {e['step']}-{e['switch_step']}: slowest step {max(during) / statistics.median(before):.2f}x "
-              "the median before")
+        ratio = max(during) / statistics.median(before)
+        print(f"move at step {e['step']}-{e['switch_step']}: slowest step {ratio:.2f}x the median before")
         assert max(during) <= 2 * statistics.median(before), (e["step"], e["switch_step"], during, before)
 
 
