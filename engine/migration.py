@@ -6,8 +6,9 @@ gains read from its own local checkpoint: engine/reslice.py), allocates the new 
 cache, copies the prefix of the KV heads it keeps, and exchanges with the other ranks
 of its stage the prefix of the KV heads that change owner (point to point, on a gloo
 group of its own). `switch`, at a step boundary that every rank reaches together, sends
-the few positions written since, zeroes released slots, and adopts the new shard. The
-old shard and cache stay in use, untouched, until that moment.
+the few positions written since, and adopts the new shard; a slot cleared in between (its
+chat ended, and a new one may have started in it) has its stale prefix zeroed and is
+copied whole. The old shard and cache stay in use, untouched, until that moment.
 
 Every rank derives the same list of transfers from the two plans, in the same order, so
 the sends and receives pair up without any further message.
@@ -80,6 +81,7 @@ class Migration:
         self.v: list[torch.Tensor] = []
         self.error: BaseException | None = None
         self.sent_bytes = 0
+        self.cleared: set[int] = set()  # slots released since the prefix was taken: what was copied is stale
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._prepare, name="llmd-migration", daemon=True)
         self.thread.start()
@@ -117,6 +119,10 @@ class Migration:
             sys.setswitchinterval(interval)
             self.done.set()
 
+    def slot_cleared(self, slot: int) -> None:
+        """The chat in `slot` ended while the move was prepared; a later one may already be using it."""
+        self.cleared.add(slot)
+
     def switch(self) -> int:
         """At the step boundary: the positions written since `prepare`, then the new shard. Returns bytes sent."""
         self.thread.join()
@@ -124,12 +130,12 @@ class Migration:
             raise self.error
         m = self.model
         now = list(m.filled)
-        self._copy(lambda slot: (min(self.start[slot], now[slot]), now[slot]))
-        for slot, length in enumerate(now):
-            if length == 0 and not self.unchanged:  # released since: nothing of another chat may survive in the new cache
+        if not self.unchanged:  # (unchanged, the new cache is the live one, which clearing zeroed)
+            for slot in self.cleared:  # the prefix copied there is a finished chat's: nothing of it may survive
                 for kc, vc in zip(self.k, self.v):
-                    kc[slot].zero_()
-                    vc[slot].zero_()
+                    kc[slot, :, : self.start[slot]].zero_()
+                    vc[slot, :, : self.start[slot]].zero_()
+        self._copy(lambda slot: (0 if slot in self.cleared else self.start[slot], now[slot]))
         old = (m.w, m.k_cache, m.v_cache)
         m.adopt(self.new, self.weights, self.k, self.v)
         if not self.unchanged:  # returning the old shard's memory takes milliseconds: not on this step

@@ -56,6 +56,8 @@ class Rank:
             return model.comm.gather_to_driver(rank_stats(model), [2] * model.comm.world_size)
         if op == OP_CLEAR:
             model.clear_slot(B)
+            if self.migration:
+                self.migration.slot_cleared(B)
             return None
         if op == OP_TIMES:
             return model.comm.gather_to_driver(self.times(reset_sent=not flags), [TIMES_FIELDS] * model.comm.world_size)

@@ -6,6 +6,8 @@ an MLP column lost or doubled in a migration shows as a wrong logit at the step 
 """
 
 import statistics
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import llmd
+from llmd.app.launch import LocalCluster
 from llmd.engine.balancer import (BalancerConfig, Persistence, TimeModel, decide, equal_time_shares, imbalance,
                                   spread)
 from llmd.engine.config import ModelConfig, load_hf_config
@@ -21,6 +24,7 @@ from llmd.engine.memory import shard_weight_bytes
 from llmd.engine.migration import Transfer, transfers
 from llmd.engine.plan import Plan, check_plan, make_pipeline_plan, make_plan
 from llmd.engine.presets import preset
+from llmd.engine.worker import RankSpec
 from reference import teacher_forced_logits
 
 TOLERANCE = 1e-3
@@ -241,6 +245,31 @@ def test_migration_inside_a_pipeline_stage(default_model_dir, tmp_path):
     assert events and all(e["stage"] == 0 and {e["from_rank"], e["to_rank"]} == {0, 1} for e in events)
     assert out["final_plan"]["ranks"][2] == out["plan"]["ranks"][2]  # the other stage is untouched
     assert_exact(default_model_dir, out, got)
+
+
+def test_a_slot_reused_while_a_move_is_prepared_holds_only_its_new_chat(tiny_models):
+    """Chat A holds slot 0 when a move starts; A ends (its slot is cleared) and chat B takes the slot
+    before the switch. After the switch B must read its own keys and values, none of A's."""
+    model_dir = tiny_models["llama-gqa"]
+    cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+    old = make_plan(cfg, [1, 1])
+    new = replace(make_plan(cfg, [1, 3]), epoch=1)  # KV groups, columns and vocabulary rows change owner
+    chat_a, chat_b = list(range(11, 31)), [5, 6, 7]
+    with LocalCluster(RankSpec(model_dir=str(model_dir), plan=old.to_dict(), rank=0, context=64), 2) as cluster:
+        driver = cluster.driver
+        driver.forward([chat_a], [0], [0])
+        driver.prepare(new)
+        while any(t.migration == 0 for t in driver.times()):  # every rank has copied A's prefix
+            time.sleep(0.05)
+        driver.clear_slot(0)
+        driver.forward([chat_b], [0], [0])
+        driver.switch()
+        assert driver.plan == new
+        ids = list(chat_b)
+        for token in (40, 41, 42):
+            logits = driver.forward([[token]], [0], [len(ids)])[0].cpu()
+            ids.append(token)
+            assert (logits - teacher_forced_logits(model_dir, ids)[-1]).abs().max().item() < TOLERANCE
 
 
 def test_no_oscillation_without_a_slowdown(default_model_dir):
