@@ -11,6 +11,7 @@ from llmd.engine.config import ModelConfig
 from llmd.engine.errors import BadPlan, LlmdError
 from llmd.engine.partition import (
     Device, Partition, describe, layer_params, link_between, load_plan, parse_device, parse_link, plan_partition,
+    stage_groups,
 )
 from llmd.engine.plan import Plan, check_plan
 from llmd.engine.presets import DEVICE_KINDS, MOE, PRESETS, UnknownPreset, device_kind, preset
@@ -72,7 +73,9 @@ def test_every_layer_and_head_owned_once(cfg, devs, precision):
 @given(model_shapes(), clusters(), st.integers(1, 4))
 def test_engine_plan_of_a_partition_is_valid_and_survives_a_file(cfg, devs, stages):
     stages = min(stages, len(devs))
-    assume(-(-len(devs) // stages) <= cfg.num_heads)  # a stage cannot have more ranks than query heads
+    biggest = max(len(group) for group in stage_groups(devs, stages))
+    # Every rank of a stage needs a query head, an MLP column and a vocabulary row of its own.
+    assume(biggest <= min(cfg.num_heads, cfg.intermediate_size, cfg.vocab_size))
     p = plan_partition(cfg, devs, [], precision="bf16", context=256, prompt_tokens=16, force_stages=stages)
     plan = p.engine_plan()
     check_plan(plan, cfg)  # raises BadPlan when a layer, head, column or row is missing or doubled
