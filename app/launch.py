@@ -1,15 +1,17 @@
 """Start an engine: rank 0 (the driver) in this process, the other ranks elsewhere.
 
 `Cluster` holds what every launch shares: the rendezvous store on this machine's
-address, loading rank 0's shard while the others load theirs, waiting for them
-(failing fast when one exits), and the driver. `LocalCluster` starts the other
-ranks as child processes; `app/host.py`'s `RemoteCluster` asks agents to.
+address, loading rank 0's shard while the others load theirs, waiting for them and
+joining their process group (failing fast when one exits), and the driver.
+`LocalCluster` starts the other ranks as child processes; `app/host.py`'s
+`RemoteCluster` asks agents to.
 """
 
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -27,6 +29,11 @@ from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_
 from .net import engine_env, free_port, worker_failure
 
 
+# torch.distributed holds one process group per process: a join given up on (a rank died) must end,
+# on gloo's timeout, before the next launch in this process joins.
+JOINING = threading.Lock()
+
+
 class Cluster:
     """Use as a context manager; `driver` runs steps once it is entered."""
 
@@ -39,8 +46,13 @@ class Cluster:
         try:
             self.start()
         except RuntimeError as e:  # torch.distributed: the store or a peer failed while starting
+            why = f"the workers could not connect: {str(e).splitlines()[0]}"
+            try:
+                self.check_workers()  # a rank that exited says why; the timeout is only its symptom
+            except WorkerLost as lost:
+                why = str(lost)
             self.close()
-            raise WorkerLost(f"the workers could not connect: {str(e).splitlines()[0]}") from None
+            raise WorkerLost(why) from None
         except BaseException:
             self.close()
             raise
@@ -50,9 +62,9 @@ class Cluster:
         self.close()
 
     def start(self) -> None:
-        # gloo would otherwise bind to whatever the hostname resolves to.
-        for key, value in engine_env(self.address).items():
-            os.environ.setdefault(key, value)
+        # gloo would otherwise bind to whatever the hostname resolves to. The address given wins over an
+        # inherited setting (a parent's, or an earlier cluster's in this process), as for the workers.
+        os.environ.update(engine_env(self.address))
         store = None
         if self.world_size > 1:
             port = free_port(self.address)  # a fresh port per launch
@@ -62,7 +74,7 @@ class Cluster:
         loaded = load_rank(self.spec)
         if store is not None:
             self._wait_ready(store)
-        model = build_model(self.spec, loaded, connect(self.spec, store, self.world_size))
+        model = build_model(self.spec, loaded, self._connect(store))
         self.after_connect()
         self.driver = Driver(model, check_workers=self.check_workers, balancer=self.balancer)
         self.driver.warm_up()
@@ -76,6 +88,42 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise WorkerLost(f"workers did not load their shards within {self.spec.timeout_s:.0f} s")
             time.sleep(0.05)
+
+    def _connect(self, store: dist.Store | None):
+        """Join the other ranks' process group, failing as soon as one of them exits: gloo would go on
+        retrying a dead rank's address for minutes, well past the group's timeout. The abandoned join
+        ends on gloo's own timeout; a group it still completes is closed, not left set in this process."""
+        lock, joined = threading.Lock(), {}
+
+        def join():
+            try:
+                with JOINING:
+                    comm = connect(self.spec, store, self.world_size)
+            except BaseException as e:  # raised below, in the caller's thread
+                joined["error"] = e
+                return
+            with lock:
+                if joined.get("abandoned"):
+                    comm.close()
+                else:
+                    joined["comm"] = comm
+
+        thread = threading.Thread(target=join, name="llmd-connect", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(0.25)
+                if thread.is_alive():
+                    self.check_workers()
+        except BaseException:
+            with lock:
+                joined["abandoned"] = True
+                if "comm" in joined:
+                    joined["comm"].close()
+            raise
+        if "error" in joined:
+            raise joined["error"]
+        return joined["comm"]
 
     def close(self) -> None:
         if self.driver is not None:

@@ -42,13 +42,22 @@ class Group:
         # Mapped before joining the group: the launcher unlinks its name once every rank has joined.
         local = stages[mine].index(rank)
         self.shm = SharedMemoryReducer(shm_path, wake_fds, local, self.stage_size, timeout_s) if shm_path else None
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
         self.rank, self.world_size, self.device = rank, world_size, device
-        # Idle time between requests is unbounded; a dead peer still breaks the socket at once.
-        self.control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        try:
+            self._join(store, stages, mine, timeout_s)
+        except BaseException:
+            self.close()  # a group joined halfway stays set in this process otherwise: the next launch fails
+            raise
+
+    def _join(self, store: dist.Store, stages: list[list[int]], mine: int, timeout_s: float) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=timeout_s)
+        )
+        # Idle time between requests is unbounded; a dead peer still breaks the socket at once. Joining it
+        # is bounded like the others (gloo would wait as long for a peer that died while joining).
+        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        dist.distributed_c10d._set_pg_timeout(timedelta(days=365), self.control)
         # The balancer's KV transfers run in a background thread while steps go on: their own group.
         self.migration = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         # Head-shard all-reduces stay inside a pipeline stage; every rank creates every group, in order.
@@ -98,3 +107,14 @@ class Group:
             self.shm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        else:
+            forget_failed_join()
+
+
+def forget_failed_join() -> None:
+    """A failed `init_process_group` leaves torch's counter of group names advanced (only destroying a
+    joined default group resets it), so the next join in this process would look for its peers under
+    other names than its fresh workers use."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    if world is not None and hasattr(world, "group_count"):
+        world.group_count = 0
