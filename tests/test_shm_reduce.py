@@ -1,8 +1,9 @@
 """The shared-memory all-reduce: right sums, identical on every rank, and no hang when a peer dies."""
 
-import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,18 +14,32 @@ from llmd.engine.errors import WorkerLost
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="shared-memory all-reduce needs Linux on x86-64")
 
+# A rank: a fresh process handed the wake fds, as the launcher starts workers. (Forked from pytest,
+# whose other tests leave threads behind, a child can inherit a lock held mid-fork and hang.)
+RANK = """
+import sys, time, torch
+from llmd.engine import shm
+path, fds, rank, world, steps, out = sys.argv[1:]
+rank, world, steps = int(rank), int(world), int(steps)
+torch.set_num_threads(1)
+reducer = shm.SharedMemoryReducer(path, [int(f) for f in fds.split(",")], rank, world, timeout_s=30)
+print("ready", flush=True)  # its pid is registered with the peers
+if steps == 0:
+    time.sleep(60)
+g = torch.Generator().manual_seed(rank)
+results = []
+for step in range(steps):
+    n = 1 + (step * 97) % 3000  # sizes vary, as prefill and decode steps do
+    t = torch.randn(n, generator=g)
+    reducer.all_reduce(t)
+    results.append(t)
+torch.save(results, out)
+"""
 
-def reduce_many(rank, world, path, fds, steps, out):
-    torch.set_num_threads(1)
-    reducer = shm.SharedMemoryReducer(path, fds, rank, world, timeout_s=30)
-    g = torch.Generator().manual_seed(rank)
-    results = []
-    for step in range(steps):
-        n = 1 + (step * 97) % 3000  # sizes vary, as prefill and decode steps do
-        t = torch.randn(n, generator=g)
-        reducer.all_reduce(t)
-        results.append(t.numpy())  # by value: the process exits before the parent reads
-    out.put((rank, results))
+
+def start_rank(path: str, fds: list[int], rank: int, world: int, steps: int, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RANK, path, ",".join(map(str, fds)), str(rank), str(world),
+                             str(steps), str(out)], stdout=subprocess.PIPE, text=True, pass_fds=fds)
 
 
 @pytest.fixture
@@ -43,44 +58,32 @@ def region(tmp_path):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sums_match_and_are_identical_on_every_rank(region, world):
+def test_sums_match_and_are_identical_on_every_rank(region, world, tmp_path):
     path, fds = region(world)
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
     steps = 200
-    procs = [ctx.Process(target=reduce_many, args=(r, world, path, fds, steps, out)) for r in range(world)]
+    procs = [start_rank(path, fds, r, world, steps, tmp_path / f"rank{r}.pt") for r in range(world)]
     for p in procs:
-        p.start()
-    results = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=10)
+        assert p.wait(timeout=120) == 0
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     # What each rank contributed, regenerated from its seed.
-    expected = []
     gens = [torch.Generator().manual_seed(r) for r in range(world)]
     for step in range(steps):
         n = 1 + (step * 97) % 3000
-        parts = [torch.randn(n, generator=g) for g in gens]
-        expected.append(torch.stack(parts).sum(0))
-    for step in range(steps):
-        torch.testing.assert_close(torch.from_numpy(results[0][step]), expected[step])
+        expected = torch.stack([torch.randn(n, generator=g) for g in gens]).sum(0)
+        torch.testing.assert_close(results[0][step], expected)
         for r in range(1, world):
-            assert (results[r][step] == results[0][step]).all(), "ranks disagree bit for bit"
+            assert torch.equal(results[r][step], results[0][step]), "ranks disagree bit for bit"
 
 
-def wait_forever(rank, path, fds):
-    shm.SharedMemoryReducer(path, fds, rank, 2, timeout_s=30)  # registers this pid with the peers
-    time.sleep(60)
-
-
-def test_a_dead_peer_is_an_error_not_a_hang(region):
+def test_a_dead_peer_is_an_error_not_a_hang(region, tmp_path):
     path, fds = region(2)
-    ctx = mp.get_context("fork")
-    peer = ctx.Process(target=wait_forever, args=(1, path, fds))
-    peer.start()
-    reducer = shm.SharedMemoryReducer(path, fds, 0, 2, timeout_s=30)
-    time.sleep(1.0)  # the peer has registered its pid
-    os.kill(peer.pid, signal.SIGKILL)
-    peer.join()
+    peer = start_rank(path, fds, 1, 2, 0, tmp_path / "unused.pt")
+    try:
+        reducer = shm.SharedMemoryReducer(path, fds, 0, 2, timeout_s=30)
+        assert peer.stdout.readline().strip() == "ready"
+    finally:
+        os.kill(peer.pid, signal.SIGKILL)
+        peer.wait()
     start = time.monotonic()
     with pytest.raises(WorkerLost, match="rank 1"):
         reducer.all_reduce(torch.ones(8))
