@@ -22,16 +22,12 @@ import torch.distributed as dist
 
 from llmd.engine import shm
 from llmd.engine.balancer import BalancerConfig
+from llmd.engine.comm import JOINING
 from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
 
 from .net import engine_env, free_port, worker_failure
-
-
-# torch.distributed holds one process group per process: a join given up on (a rank died) must end,
-# on gloo's timeout, before the next launch in this process joins.
-JOINING = threading.Lock()
 
 
 class Cluster:
@@ -96,17 +92,17 @@ class Cluster:
         lock, joined = threading.Lock(), {}
 
         def join():
-            try:
-                with JOINING:
+            with JOINING:  # held until an abandoned group is closed, too
+                try:
                     comm = connect(self.spec, store, self.world_size)
-            except BaseException as e:  # raised below, in the caller's thread
-                joined["error"] = e
-                return
-            with lock:
-                if joined.get("abandoned"):
-                    comm.close()
-                else:
-                    joined["comm"] = comm
+                except BaseException as e:  # raised below, in the caller's thread
+                    joined["error"] = e
+                    return
+                with lock:
+                    if joined.get("abandoned"):
+                        comm.close()
+                    else:
+                        joined["comm"] = comm
 
         thread = threading.Thread(target=join, name="llmd-connect", daemon=True)
         thread.start()

@@ -7,12 +7,18 @@ while compute collectives stay bounded by the group's timeout. Ranks on one
 machine all-reduce small messages through shared memory (engine/shm.py).
 """
 
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .shm import SharedMemoryReducer
+
+
+# torch.distributed holds one process group per process: a join given up on (the launcher saw a rank
+# die) must end, on gloo's timeout, and its group be closed, before the next one in this process starts.
+JOINING = threading.RLock()
 
 
 class Solo:
@@ -43,11 +49,12 @@ class Group:
         local = stages[mine].index(rank)
         self.shm = SharedMemoryReducer(shm_path, wake_fds, local, self.stage_size, timeout_s) if shm_path else None
         self.rank, self.world_size, self.device = rank, world_size, device
-        try:
-            self._join(store, stages, mine, timeout_s)
-        except BaseException:
-            self.close()  # a group joined halfway stays set in this process otherwise: the next launch fails
-            raise
+        with JOINING:
+            try:
+                self._join(store, stages, mine, timeout_s)
+            except BaseException:
+                self.close()  # a group joined halfway stays set in this process otherwise: the next launch fails
+                raise
 
     def _join(self, store: dist.Store, stages: list[list[int]], mine: int, timeout_s: float) -> None:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
