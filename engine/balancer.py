@@ -1,13 +1,16 @@
 """The balancer's decision: from measured step times and the current plan, a new plan or none.
 
-Pure functions over plain data (the loop that gathers times and applies moves is
-`engine/runtime.py`'s `Rebalancer`). Inside each pipeline stage, a rank's step time is
-modelled from the weight bytes it reads (decode is memory-bound): at first in proportion
-(the new shares are then proportional to measured speed), and once a move has changed its
-bytes, as the line through its last two measurements, which also captures the part of a
-step that moving bytes does not change. The new shares equalise the modelled times. A move shifts at most `max_groups` KV groups
-(query heads where KV heads are replicated) and at most `max_fraction` of the stage's MLP
-columns and vocabulary rows, so one event stays small and the next check sees its effect.
+Pure functions over plain data, and `Policy`, which holds what the decisions remember from check
+to check (when to check, how long an imbalance has lasted, each rank's past measurements); the
+loop that gathers times and applies moves is `engine/runtime.py`'s `Rebalancer`.
+
+Inside each pipeline stage, a rank's step time is modelled from the weight bytes it reads
+(decode is memory-bound): at first in proportion (the new shares are then proportional to
+measured speed), and once a move has changed its bytes, as the line through its last two
+measurements, which also captures the part of a step that moving bytes does not change. The
+new shares equalise the modelled times. A move shifts at most `max_groups` KV groups (query
+heads where KV heads are replicated) and at most `max_fraction` of the stage's MLP columns and
+vocabulary rows, so one event stays small and the next check sees its effect.
 
 Against oscillation: a stage is only rebalanced when the same rank has been its slowest, off
 the stage mean by more than `threshold`, for `patience` steps (hysteresis: with the caller's
@@ -17,12 +20,15 @@ only when the move is predicted to shrink the spread by more than `threshold` (a
 would not clearly help is noise-chasing, and every move disturbs the steps it overlaps).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .config import ModelConfig
 from .errors import BadPlan
 from .memory import shard_weight_bytes
 from .plan import Plan, RankShard, StageSpan, apportion, contiguous_ranges
+
+
+WINDOW_STEPS = 16  # the steps of the current plan a rank's time is judged on (their median)
 
 
 @dataclass(frozen=True)
@@ -208,3 +214,66 @@ def replace_stage(plan: Plan, index: int, shards: list[RankShard], target: list[
         ranks[shard.rank] = shard
         shares[shard.rank] = round(total * t, 6)
     return replace(plan, ranks=ranks, shares=shares, epoch=plan.epoch + 1)
+
+
+def full(window_steps: list[int]) -> bool:
+    """Whether every rank's window spans WINDOW_STEPS steps of the current plan."""
+    return min(window_steps) >= WINDOW_STEPS
+
+
+@dataclass
+class Policy:
+    """When to move, over time. The caller asks `due(step)` after every decode step; when it is
+    due, the caller gathers each rank's window (median ms over its last steps of the current plan,
+    and how many steps that is) and asks `check`. A move it returns is under way until the caller
+    reports `switched` or `aborted`; meanwhile checks come every other step, to switch soon."""
+
+    cfg: ModelConfig
+    config: BalancerConfig = field(default_factory=BalancerConfig)
+    persistence: Persistence = field(default_factory=Persistence)
+    history: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # rank -> (weight bytes, ms)
+    next_check: int = 0
+    last_switch: int | None = None
+    pending: bool = False
+
+    def __post_init__(self):
+        self.next_check = self.next_check or self.config.check_every
+
+    def due(self, step: int) -> bool:
+        if step < self.next_check:
+            return False
+        self.next_check = step + (min(2, self.config.check_every) if self.pending else self.config.check_every)
+        return True
+
+    def check(self, plan: Plan, step: int, window_ms: list[float], window_steps: list[int]) -> Move | None:
+        """A move to start now, or None."""
+        if not full(window_steps):
+            return None  # a rank has run the current plan for less than a full window: too little to judge
+        lasted = self.persistence.lasted(imbalance(plan, window_ms, self.config), step)
+        since = step - self.last_switch if self.last_switch is not None else step + self.config.min_interval
+        move = decide(plan, self.cfg, window_ms, self.config, lasted, since, self.history)
+        self._remember(plan, window_ms)
+        self.pending = move is not None
+        return move
+
+    def switched(self, step: int) -> None:
+        self.pending, self.last_switch = False, step
+        self.next_check = step + WINDOW_STEPS  # the new plan is judged on a full window of its own
+        # Persistence is not reset: if the new plan's first full window still has the same rank
+        # slowest, that is the imbalance the move was made for, already shown to last.
+
+    def aborted(self) -> None:
+        self.pending = False
+
+    def _remember(self, plan: Plan, window_ms: list[float]) -> None:
+        """Keep each rank's latest measurement under each plan it ran, for the time model."""
+        for rank, ms in enumerate(window_ms):
+            if ms <= 0:
+                continue
+            points = self.history.setdefault(rank, [])
+            nbytes = float(shard_weight_bytes(self.cfg, plan, rank))
+            if points and points[-1][0] == nbytes:
+                points[-1] = (nbytes, ms)
+            else:
+                points.append((nbytes, ms))
+            del points[:-4]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from .balancer import WINDOW_STEPS
 from .checkpoint import SliceReader, runs
 from .config import ModelConfig
 from .plan import Plan, RankShard
@@ -251,9 +252,6 @@ class Slowdown:
 
     factor: float = 1.0
     from_step: int = 0
-
-
-WINDOW_STEPS = 16  # the steps of the current plan a rank's time is judged on
 
 
 class StepClock:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .balancer import BalancerConfig, Move, Persistence, decide, imbalance
+from .balancer import WINDOW_STEPS, BalancerConfig, Move, Policy, full
 from .errors import PromptTooLong, WorkerLost
 from .memory import shard_weight_bytes
 from .migration import Migration
-from .model import WINDOW_STEPS, ShardedModel
+from .model import ShardedModel
 from .plan import Plan
 from .sampling import SamplingParams, sample
 
@@ -272,58 +272,34 @@ class Driver:
 
 
 class Rebalancer:
-    """The driver's balancer loop: every `check_every` decode steps it gathers the ranks' times, asks
-    `balancer.decide` for a move, starts it (every rank prepares in the background), and switches
+    """The driver's balancer loop: when `Policy` says a check is due it gathers the ranks' times,
+    starts the move the policy asks for (every rank prepares in the background), and switches
     every rank at the first check where all are ready. Each move becomes an event."""
 
     def __init__(self, driver: Driver, config: BalancerConfig):
-        self.driver, self.config = driver, config
+        self.driver = driver
+        self.policy = Policy(driver.model.cfg, config)
         self.steps = 0
-        self.next_check = config.check_every
-        self.since_move = config.min_interval  # the first move need not wait for an earlier one
-        self.persistence = Persistence()
         self.pending: tuple[Move, dict, float] | None = None
         self.events: list[dict] = []
         self._awaiting_after: list[dict] = []  # switched events whose step times after are not known yet
         self._kv_sent = 0  # KV bytes the ranks sent since the last event took them
-        self.history: dict[int, list[tuple[float, float]]] = {}  # rank -> (weight bytes, step ms), last per plan
 
     def after_step(self) -> None:
         self.steps += 1
-        self.since_move += 1
-        if self.steps < self.next_check:
+        if not self.policy.due(self.steps):
             return
-        # While a move is being prepared, ask every other step whether it is ready, so it switches soon.
-        self.next_check = self.steps + (min(2, self.config.check_every) if self.pending else self.config.check_every)
         times = self.driver.times()
         self._kv_sent += sum(t.sent_bytes for t in times)
         if self.pending:
             self._advance(times)
             return
-        if min(t.window_steps for t in times) < WINDOW_STEPS:
-            return  # a rank has run the current plan for less than a full window: too little to judge
-        window = [t.window_ms for t in times]
-        self._report_after(window)
-        plan, cfg = self.driver.plan, self.driver.model.cfg
-        lasted = self.persistence.lasted(imbalance(plan, window, self.config), self.steps)
-        move = decide(plan, cfg, window, self.config, lasted, self.since_move, self.history)
-        self._remember(plan, window)
+        window, steps = [t.window_ms for t in times], [t.window_steps for t in times]
+        if full(steps):
+            self._report_after(window)
+        move = self.policy.check(self.driver.plan, self.steps, window, steps)
         if move:
             self._start(move, window)
-
-    def _remember(self, plan: Plan, window: list[float]) -> None:
-        """Keep each rank's latest measurement under each plan it ran, for the balancer's time model."""
-        cfg = self.driver.model.cfg
-        for rank, ms in enumerate(window):
-            if ms <= 0:
-                continue
-            points = self.history.setdefault(rank, [])
-            nbytes = float(shard_weight_bytes(cfg, plan, rank))
-            if points and points[-1][0] == nbytes:
-                points[-1] = (nbytes, ms)
-            else:
-                points.append((nbytes, ms))
-            del points[:-4]
 
     def _start(self, move: Move, window: list[float]) -> None:
         old = self.driver.plan
@@ -347,15 +323,13 @@ class Rebalancer:
         states = [t.migration for t in times]
         if 2 in states:
             self.driver.abort()
+            self.policy.aborted()
             event.update(status="failed", duration_s=round(time.perf_counter() - started, 3))
         elif all(s == 1 for s in states):
             self.driver.switch()
             event.update(status="done", duration_s=round(time.perf_counter() - started, 3), switch_step=self.steps)
-            self.next_check = self.steps + WINDOW_STEPS  # the new plan is judged on a full window of its own
+            self.policy.switched(self.steps)
             self._awaiting_after.append(event)
-            # Not a fresh start for the imbalance: if the new plan's first full window still has the same
-            # rank slowest, that is the imbalance this move was made for, already shown to last.
-            self.since_move = 0
         else:
             return  # still preparing in the background; decoding goes on
         self.events.append(event)
