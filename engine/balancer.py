@@ -12,8 +12,8 @@ new shares equalise the modelled times. A move shifts at most `max_groups` KV gr
 heads where KV heads are replicated) and at most `max_fraction` of the stage's MLP columns and
 vocabulary rows, so one event stays small and the next check sees its effect.
 
-Against oscillation: a stage is only rebalanced when the same rank has been its slowest, off
-the stage mean by more than `threshold`, for `patience` steps (hysteresis: with the caller's
+Against oscillation: a stage is only rebalanced when it has been off by more than `threshold`,
+with the same ranks above its mean, for `patience` steps (hysteresis: with the caller's
 16-step windows, two disjoint windows must agree, so a burst of noise on a shared machine is
 not taken for a slow device), no sooner than `min_interval` steps after the last move, and
 only when the move is predicted to shrink the spread by more than `threshold` (a move that
@@ -36,7 +36,7 @@ class BalancerConfig:
     threshold: float = 0.10  # a rank off its stage's mean step time by more than this is unbalanced
     check_every: int = 4  # steps between two gathers of the ranks' times
     min_interval: int = 8  # steps after a move before the next may start
-    patience: int = 16  # steps an imbalance must persist (same slowest rank) before a move
+    patience: int = 16  # steps an imbalance must persist (the same ranks slow) before a move
     max_groups: int = 1  # KV groups moved per event
     max_fraction: float = 0.5  # of a stage's MLP columns (and vocabulary rows) moved per event
 
@@ -71,7 +71,9 @@ def spread(times: list[float]) -> float:
 @dataclass(frozen=True)
 class TimeModel:
     """A rank's step time as fixed + per_byte * (weight bytes it reads); fixed is 0 until two plans
-    with different shares have been measured (then the line through them)."""
+    with different shares have been measured (then the line through them). A negative fixed part
+    is a device faster than linear in the bytes (a cache that holds part of a small shard): taken
+    as measured, or shares in proportion to speed would overshoot and swing back for ever."""
 
     fixed: float
     per_byte: float
@@ -87,7 +89,7 @@ class TimeModel:
         if older:
             b0, t0 = older[-1]
             slope = (t1 - t0) / (b1 - b0)
-            if slope > 0 and t1 - slope * b1 >= 0:  # a physical line: more bytes, more time, no negative fixed cost
+            if slope > 0:  # more bytes, more time; a negative fixed part is a cache that holds part of the shard
                 return cls(t1 - slope * b1, slope)
         return cls(0.0, t1 / b1)
 
@@ -121,17 +123,24 @@ def decide(plan: Plan, cfg: ModelConfig, step_ms: list[float], bc: BalancerConfi
     return None
 
 
-def imbalance(plan: Plan, step_ms: list[float], bc: BalancerConfig) -> tuple[tuple[int, int], ...]:
-    """(stage, slowest rank) of every stage off by more than the threshold: what must stay the same
-    from check to check for an imbalance to count as lasting."""
-    return tuple((index, max(stage.ranks, key=lambda r: step_ms[r])) for index, stage in enumerate(plan.stages)
-                 if len(stage.ranks) > 1 and spread([step_ms[r] for r in stage.ranks]) > bc.threshold)
+def imbalance(plan: Plan, step_ms: list[float], bc: BalancerConfig) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(stage, its ranks slower than the stage's mean) of every stage off by more than the threshold:
+    what must stay the same from check to check for an imbalance to count as lasting. The ranks
+    above the mean, not the slowest alone: when two ranks are equally slow, which of them is the
+    slowest flips with the noise, yet the imbalance is one and lasting."""
+    out = []
+    for index, stage in enumerate(plan.stages):
+        times = [step_ms[r] for r in stage.ranks]
+        if len(times) > 1 and spread(times) > bc.threshold:
+            mean = sum(times) / len(times)
+            out.append((index, tuple(r for r, t in zip(stage.ranks, times) if t > mean)))
+    return tuple(out)
 
 
 @dataclass
 class Persistence:
     """How long the imbalance seen at a check has lasted: the same stages off, with the same
-    slowest ranks, at every check since it was first seen (checks while a move is prepared
+    ranks above their stage's mean, at every check since it was first seen (checks while a move is prepared
     and the new plan's first window are not judged: a move that leaves the same rank slowest
     continues the imbalance it was made for)."""
 
