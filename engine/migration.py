@@ -11,7 +11,10 @@ chat ended, and a new one may have started in it) has its stale prefix zeroed an
 copied whole. The old shard and cache stay in use, untouched, until that moment.
 
 Every rank derives the same list of transfers from the two plans, in the same order, so
-the sends and receives pair up without any further message.
+the sends and receives pair up without any further message. A rank whose preparation fails
+(a slice it cannot read, memory it cannot get) still takes its part in them, sending from its
+live cache and dropping what it receives, so no peer waits out the group's timeout; the
+driver aborts the move once every rank is done.
 
 The background thread shares the rank's cores (and the GIL) with the decode steps, so it
 runs at the lowest CPU priority (it mostly gets the time a rank spends waiting for others),
@@ -112,9 +115,12 @@ class Migration:
                     self.k.append(torch.zeros(shape, dtype=m.dtype, device=m.device))
                     self.v.append(torch.zeros(shape, dtype=m.dtype, device=m.device))
                     rest(time.perf_counter() - t)
-            self._copy(lambda slot: (0, self.start[slot]))
         except BaseException as e:  # reported to the driver through `status`, which aborts the move
             self.error = e
+        try:  # failed or not: the other ranks' sends and receives pair up with ours
+            self._copy(lambda slot: (0, self.start[slot]))
+        except BaseException as e:
+            self.error = self.error or e
         finally:
             sys.setswitchinterval(interval)
             self.done.set()
@@ -149,7 +155,7 @@ class Migration:
         new_local = {h: i for i, h in enumerate(self.new.ranks[m.rank].kv_heads)}
         gained = {t.head for t in self.moves if t.dst == m.rank}
         for head, i in new_local.items():
-            if head in old_local and head not in gained and not self.unchanged:
+            if head in old_local and head not in gained and not self.unchanged and not self.error:
                 for slot in range(m.slots):
                     a, b = span(slot)
                     for new_c, old_c in ((self.k, m.k_cache), (self.v, m.v_cache)):
@@ -170,8 +176,10 @@ class Migration:
             m.comm.send_migration(block, t.dst)
             self.sent_bytes += block.numel() * block.element_size()
             return
-        block = torch.empty(len(self.k), 2, b - a, m.cfg.head_dim, dtype=m.dtype, device=m.device)
+        block = torch.empty(len(m.k_cache), 2, b - a, m.cfg.head_dim, dtype=m.dtype, device=m.device)
         m.comm.recv_migration(block, t.src)
+        if self.error:
+            return  # this rank's move failed: it only takes part, so that the sender is not left waiting
         i = new_local[t.head]
         for layer in range(len(self.k)):
             self.k[layer][slot, i, a:b] = block[layer, 0]
