@@ -1,11 +1,15 @@
 """Shared fixtures: the bundled model, tiny random models, and running the real `llmd` CLI."""
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -30,6 +34,40 @@ def llmd(*args: str, timeout: float = 300) -> Run:
     """Run the real CLI in a child process."""
     p = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return Run(p.returncode, p.stdout, p.stderr)
+
+
+def llmd_here(*args: str) -> Run:
+    """Run the real CLI's code in this process (its workers are still processes of their own): what
+    `llmd` does, without starting an interpreter and importing torch once more."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        from llmd.__main__ import main
+
+        code = main(list(args))
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that sets variables in this process (a cluster run here sets gloo's interface) leaves
+    none behind for the next one."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_outlives_its_module():
+    yield
+    children = psutil.Process().children(recursive=True)
+    _, alive = psutil.wait_procs(children, timeout=15)  # stopping ones may take a moment
+    names = []
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            names.append(" ".join(p.cmdline()[:5]))
+            p.kill()
+    assert not names, f"left running after the module's tests: {names}"
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def stop_up(up: Up) -> list[str]:
     if not up.children:
         remember_children(up)
     stop(up.proc, timeout=45)
-    time.sleep(0.5)
-    left = [c for c in up.children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(up.children, timeout=10)  # a child may take a moment to see its parent gone
+    left = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     names = [" ".join(c.cmdline()[:4]) for c in left]
     for c in left:
         c.kill()
