@@ -47,7 +47,7 @@ def test_generation_across_three_agents_matches_transformers(pool, default_model
     assert all({"name", "address", "port", "devices"} <= p.keys() for p in mine)
 
     run = run_cli("generate", "--agents", "auto", "--expect", "3", "--address", "127.0.0.1", "--threads", "1",
-                  "--greedy", "--chat", "--max-new-tokens", "12", "--json", PROMPT, secret=secret)
+                  "--compile", "off", "--greedy", "--chat", "--max-new-tokens", "12", "--json", PROMPT, secret=secret)
     assert run.returncode == 0, run.stderr
     out = parse_json_line(run.stdout)
     assert out["plan"]["world_size"] == 4  # the host's driver holds rank 0, the three agents ranks 1-3
@@ -156,7 +156,8 @@ def test_an_agent_lost_mid_generation_is_a_clear_error(pool):
     start("steady")
     doomed = start("doomed")
     proc = subprocess.Popen([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", "127.0.0.1",
-                             "--threads", "1", "--greedy", "--ignore-eos", "--max-new-tokens", "1500", "Once upon"],
+                             "--threads", "1", "--compile", "off", "--greedy", "--ignore-eos", "--max-new-tokens", "1500",
+                             "Once upon"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=host_env(secret))
     try:
         from netns import wait_for_output

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import llmd_here
 from llmd.app.cli import build_parser
 from llmd.ui.commands import add_up_commands
 
@@ -23,7 +24,6 @@ def test_command_is_in_readme_with_an_example(name):
 
 
 def test_plan_command_prints_a_table_and_json(tmp_path):
-    import json
     import subprocess
     import sys
 
@@ -31,11 +31,10 @@ def test_plan_command_prints_a_table_and_json(tmp_path):
             *[a for _ in range(4) for a in ("--device", "ws1:rtx4090")]]
     table = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0 and "tokens/s" in table.stdout and "rtx4090" in table.stdout
-    out = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=120).stdout)
+    out = llmd_here(*base[3:], "--json").json  # the same command's code, in this process
     assert out["fits"] and {"tokens_per_s", "ttft_s", "bytes_per_token"} <= out["predicted"].keys()
     assert len(out["ranks"]) == 4 and len(out["memory_per_device"]) == 4 and out["stages"]
-    bad = subprocess.run([*base[:4], "--model", "nope", "--device", "a:cpu"], capture_output=True, text=True,
-                         timeout=120)
+    bad = llmd_here("plan", "--model", "nope", "--device", "a:cpu")
     assert bad.returncode == 1 and "llama-3.1-8b" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -28,7 +28,7 @@ def test_host_discovers_agents_in_other_namespaces_and_generates(default_model_d
             assert all(p["health"] == "ok" for p in peers)
 
             proc = host.run_in([*CLI, "generate", "--agents", "auto", "--expect", "3", "--address", host.address,
-                                "--threads", "1", "--greedy", "--chat", "--max-new-tokens", "10", "--json",
+                                "--threads", "1", "--compile", "off", "--greedy", "--chat", "--max-new-tokens", "10", "--json",
                                 "Name a colour of the rainbow."],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host_env(secret))
             try:

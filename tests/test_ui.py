@@ -25,8 +25,8 @@ def secret():
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, secret):
-    server = start_up(tmp_path_factory.mktemp("up"), secret, "--workers", "2", "--max-new-tokens",
-                      str(MAX_NEW_TOKENS))
+    server = start_up(tmp_path_factory.mktemp("up"), secret, "--workers", "2", "--compile", "off",
+                      "--max-new-tokens", str(MAX_NEW_TOKENS))
     try:
         yield server
     finally:
@@ -192,7 +192,7 @@ def test_stopping_up_leaves_no_process(up):
 def test_ctrl_c_while_the_model_loads_stops_everything(tmp_path, secret):
     import signal
 
-    server = start_up(tmp_path, secret, "--workers", "2")
+    server = start_up(tmp_path, secret, "--workers", "2", "--compile", "off")
     try:
         remember_children(server)  # the URL is printed before the model is ready
         server.proc.send_signal(signal.SIGINT)
