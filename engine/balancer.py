@@ -139,10 +139,10 @@ def imbalance(plan: Plan, step_ms: list[float], bc: BalancerConfig) -> tuple[tup
 
 @dataclass
 class Persistence:
-    """How long the imbalance seen at a check has lasted: the same stages off, with the same
-    ranks above their stage's mean, at every check since it was first seen (checks while a move is prepared
-    and the new plan's first window are not judged: a move that leaves the same rank slowest
-    continues the imbalance it was made for)."""
+    """How long the imbalance seen at a check has lasted: the same stages off, with the same ranks
+    above their stage's mean, at every check since it was first seen (checks while a move is
+    prepared and the new plan's first window are not judged: a move that leaves the same ranks
+    slow continues the imbalance it was made for)."""
 
     seen: tuple = ()
     since: int = 0  # the step it was first seen
@@ -241,16 +241,17 @@ class Policy:
     config: BalancerConfig = field(default_factory=BalancerConfig)
     persistence: Persistence = field(default_factory=Persistence)
     history: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # rank -> (weight bytes, ms)
-    next_check: int = 0
+    next_check: int = field(init=False)
     last_switch: int | None = None
     pending: bool = False
 
     def __post_init__(self):
-        self.next_check = self.next_check or self.config.check_every
+        self.next_check = self.config.check_every
 
     def due(self, step: int) -> bool:
         if step < self.next_check:
             return False
+        # While a move is prepared, ask every other step whether it is ready, so it switches soon.
         self.next_check = step + (min(2, self.config.check_every) if self.pending else self.config.check_every)
         return True
 
@@ -268,8 +269,8 @@ class Policy:
     def switched(self, step: int) -> None:
         self.pending, self.last_switch = False, step
         self.next_check = step + WINDOW_STEPS  # the new plan is judged on a full window of its own
-        # Persistence is not reset: if the new plan's first full window still has the same rank
-        # slowest, that is the imbalance the move was made for, already shown to last.
+        # Persistence is not reset: if the new plan's first full window still has the same ranks
+        # slow, that is the imbalance the move was made for, already shown to last.
 
     def aborted(self) -> None:
         self.pending = False

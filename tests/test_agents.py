@@ -36,6 +36,7 @@ def run_cli(*args, secret, timeout=300):
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_generation_across_three_agents_matches_transformers(pool, default_model_dir):
     secret, start = pool
     for i in range(3):
@@ -151,6 +152,7 @@ def test_a_model_that_does_not_fit_names_the_short_device(pool):
     assert "does not fit" in run.stderr and "small cpu has 50 MB free, rank 1 needs" in run.stderr
 
 
+@pytest.mark.slow
 def test_an_agent_lost_mid_generation_is_a_clear_error(pool):
     secret, start = pool
     start("steady")

@@ -182,6 +182,7 @@ def test_a_slot_reused_while_a_move_is_prepared_holds_only_its_new_chat(tiny_mod
             assert (logits - teacher_forced_logits(model_dir, ids)[-1]).abs().max().item() < TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_slowed_rank_is_relieved_end_to_end(default_model_dir):
     """The whole loop: rank 0 three times slower from the start, the balancer on. What holds on any
     loaded machine: the first move is off rank 0, it finishes, and the tokens stay exact on both sides

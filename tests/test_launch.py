@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import json, sys, threading, time
 from llmd.app.launch import LocalCluster
@@ -59,6 +61,7 @@ def launch_with_a_dying_worker(model_dir, delay_s: float) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_while_joining_is_named_and_the_process_can_launch_again(tiny_models):
     out = launch_with_a_dying_worker(tiny_models["llama-gqa"], 0.05)
     # Before: gloo kept retrying the dead rank for minutes (the control group's join had no bound), and a

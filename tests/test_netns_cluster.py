@@ -7,11 +7,14 @@ unsharded transformers model's.
 
 import subprocess
 
+import pytest
+
 from agents import CLI, host_env, new_secret, parse_json_line, start_agent
 from netns import Lan, requires_netns, stop
 from reference import hf_greedy
 
 
+@pytest.mark.slow
 @requires_netns
 def test_host_discovers_agents_in_other_namespaces_and_generates(default_model_dir):
     secret = new_secret()

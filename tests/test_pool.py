@@ -264,6 +264,7 @@ def test_host_mode_launches_on_a_joined_agent(tmp_path):
         stop(agent.proc)
 
 
+@pytest.mark.slow
 def test_the_balancers_migrations_and_new_plan_are_recorded(tmp_path):
     p = make_pool(tmp_path, workers=2)
     p.config.recipe = recipe_for(engine_args("--workers", "2", "--balance", "on", "--slowdown", "1:3@8"), local=True)

@@ -14,6 +14,8 @@ from netns import stop
 from ui_helpers import (CHROMIUM_ARGS, chromium_path, open_tab, plot_has_points, remember_children, screenshot,
                         start_up, stop_up, sync_playwright, table_rows, wait_for, wait_text)
 
+pytestmark = pytest.mark.slow  # a real `llmd up` and a browser
+
 MAX_NEW_TOKENS = 24
 BOT = "#chatbot .message.bot, #chatbot [data-testid='bot']"
 
