@@ -1,14 +1,17 @@
 """Agents on loopback: real zeroconf discovery, signed control requests, and an engine across them."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from agents import CLI, host_env, new_secret, parse_json_line, start_agent
+from conftest import llmd_here
 from llmd.app.discovery import open_zeroconf
 from llmd.app.host import Host
 from llmd.app.security import HEADER_TIME, signed_headers
@@ -31,16 +34,18 @@ def pool():
     stop(*[a.proc for a in started])
 
 
-def run_cli(*args, secret, timeout=300):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=host_env(secret),
-                          stdin=subprocess.DEVNULL)
+def run_cli(*args, secret):
+    """The host side's CLI code, run in this process with the pool secret in its environment (restored
+    after the test); the agents are processes of their own. test_netns_cluster.py runs the command."""
+    os.environ["LLMD_POOL_SECRET"] = secret
+    return llmd_here(*args)
 
 
 @pytest.mark.slow
 def test_generation_across_three_agents_matches_transformers(pool, default_model_dir):
     secret, start = pool
-    for i in range(3):
-        start(f"ws{i}")
+    with ThreadPoolExecutor(3) as starting:  # each agent takes seconds to import and listen: at once
+        list(starting.map(start, ["ws0", "ws1", "ws2"]))
     peers = parse_json_line(run_cli("peers", "--address", "127.0.0.1", "--timeout", "3", "--json",
                                     secret=secret).stdout)
     mine = [p for p in peers if p["health"] == "ok"]

@@ -109,6 +109,7 @@ def assert_exact(model_dir, run: Run):
     per_step = (got - ref).abs().amax(-1)  # [steps]
     worst = int(per_step.argmax())
     assert per_step.max().item() < TOLERANCE, f"step {worst} differs by {per_step.max().item()}"
+    assert ref.argmax(-1).tolist() == run.ids[run.prompt_len :]  # the greedy tokens transformers picks
 
 
 def test_two_moves_on_the_bundled_model_stay_exact(default_model_dir):

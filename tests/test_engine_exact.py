@@ -5,7 +5,7 @@ then compares prefill logits, 32 decode steps of logits and the greedy tokens wi
 itself, in fp32 on CPU, and checks that every rank holds exactly the weights the plan gives it.
 Most cases run the CLI's code in this process with the eager decode step (`llmd_here`); the
 compiled decode step, which `--compile auto` picks on CPU, runs through the real `llmd` command
-on one case of each kind (one worker, uneven shares, stages, biases, replicated KV heads).
+on three cases (uneven shares, stages, biases).
 """
 
 import json
@@ -61,7 +61,7 @@ def assert_holds_its_slice_only(model_dir, out: dict):
         assert mb == pytest.approx(shard_weight_bytes(cfg, plan, rank) / MIB, abs=0.1), f"rank {rank}"
 
 
-@pytest.mark.parametrize("workers,shares,compiled", [(1, None, True), (2, None, False), (2, "2,1", True),
+@pytest.mark.parametrize("workers,shares,compiled", [(1, None, False), (2, None, False), (2, "2,1", True),
                                                      (3, None, False), (3, "1,2,1", False)])
 def test_bundled_model_matches_transformers(default_model_dir, tmp_path, workers, shares, compiled):
     out = run_and_compare(default_model_dir, tmp_path, workers, shares, compiled=compiled)
@@ -71,7 +71,7 @@ def test_bundled_model_matches_transformers(default_model_dir, tmp_path, workers
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias", "mistral-2kv"])
 @pytest.mark.parametrize("workers,shares", [(2, "3,1"), (3, "2,3,1")])
 def test_tiny_models_match_transformers(tiny_models, tmp_path, kind, workers, shares):
-    compiled = (kind, workers) in {("qwen2-bias", 2), ("mistral-2kv", 3)}
+    compiled = (kind, workers) == ("qwen2-bias", 2)
     out = run_and_compare(tiny_models[kind], tmp_path, workers, shares, compiled=compiled)
     if kind == "mistral-2kv" and workers == 3:
         assert out["plan"]["kv_replicated"]
