@@ -6,7 +6,6 @@ KV heads, its MLP columns and its vocabulary rows. Two all-reduces per layer
 embedding lookup. The KV cache is static: [slots, local KV heads, context, head_dim].
 """
 
-import os
 import time
 from collections import deque
 from contextlib import contextmanager

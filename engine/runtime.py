@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .balancer import WINDOW_STEPS, BalancerConfig, Move, Policy, full
+from .balancer import BalancerConfig, Move, Policy, full
 from .errors import PromptTooLong, WorkerLost
 from .memory import shard_weight_bytes
 from .migration import Migration
