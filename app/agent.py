@@ -2,52 +2,82 @@
 host asks with a signed request, starts engine workers and watches them."""
 
 import contextlib
+import ipaddress
+import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import llmd
 from llmd.engine.checkpoint import resolve_model
+from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.errors import LlmdError
+from llmd.engine.partition import load_plan
 from llmd.engine.worker import RankSpec
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
+from .guard import PlainJSON, SignedApi, bound_socket, error, plain_errors, server_config
 from .net import engine_env, worker_failure
-from .security import Verifier
+from .rendezvous import rendezvous_url, worker_command
+from .security import Verifier, receiver_name
 
 
-class RankAssignment(BaseModel):
-    rank: int = Field(ge=1)
-    device: str = Field(pattern=r"^(cpu|cuda:\d+)$")
+class LaunchRefused(LlmdError): ...
 
 
-class LaunchRequest(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RankAssignment(Strict):
+    rank: int = Field(ge=1, le=4096)
+    device: str = Field(pattern=r"^(cpu|cuda:\d{1,3})$")
+
+
+class LaunchRequest(Strict):
     launch_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    master_addr: str = Field(min_length=7, max_length=45)
+    master_addr: str = Field(min_length=2, max_length=45)
     master_port: int = Field(ge=1, le=65535)
     model: str = Field(min_length=1, max_length=4096)
     plan: dict
-    ranks: list[RankAssignment] = Field(min_length=1)
-    context: int = Field(ge=2)
+    ranks: list[RankAssignment] = Field(min_length=1, max_length=64)
+    context: int = Field(ge=2, le=1 << 20)
     timeout_s: float = Field(gt=0, le=3600)
     compile: bool = False
 
+    @field_validator("master_addr")
+    @classmethod
+    def an_ip_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # a ValueError is a 400 naming the field
+        return value
 
-class StopRequest(BaseModel):
-    launch_id: str
+
+class StopRequest(Strict):
+    launch_id: str = Field(min_length=1, max_length=64)
+
+
+def agent_model(name: str) -> Path:
+    """The model a launch names, if this agent has it ready: the bundled default, or a Hugging Face
+    directory. Any other GGUF file would be hashed and converted inside the request: refused."""
+    if name != "default" and Path(name).suffix == ".gguf":
+        raise LaunchRefused("an agent runs a GGUF file only as `default`, the bundled model; "
+                            "give it a Hugging Face directory")
+    try:
+        return resolve_model(name)
+    except LlmdError as e:
+        raise LaunchRefused(str(e)) from None
 
 
 @dataclass
@@ -90,29 +120,58 @@ class AgentState:
         return [cpu_share if d == "cpu" else gpu_free.get(d, 0) for d in self.devices]
 
     def launch(self, req: LaunchRequest) -> list[dict]:
-        model_dir = resolve_model(req.model)
-        world = len(req.plan["ranks"])
+        """Start the request's ranks, once the whole request is known to be good: a refused launch
+        leaves nothing running."""
+        model_dir = self.check(req)
         cpu_workers = sum(1 for r in req.ranks if r.device == "cpu")
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_env(self.address))
-        started = []
+        # The workers prove themselves to the rendezvous with the pool secret, which never crosses the wire.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", LLMD_RENDEZVOUS_KEY=self.verifier.secret,
+                   **engine_env(self.address))
+        started: list[WorkerProcess] = []
         with self.lock:
-            for r in req.ranks:
-                if not 0 < r.rank < world:
-                    raise ValueError(f"rank {r.rank} is outside a world of {world}")
-                if r.device not in self.devices:
-                    raise ValueError(f"this agent offers {self.devices}, not {r.device}")
-                spec = RankSpec(model_dir=str(model_dir), plan=req.plan, rank=r.rank, device=r.device,
-                                context=req.context, threads=threads, timeout_s=req.timeout_s, compile=req.compile)
-                log = self.logdir / f"{req.launch_id}-rank{r.rank}.log"
-                cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(),
-                       "--master", f"{req.master_addr}:{req.master_port}"]
-                with open(log, "w") as f:
-                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-                w = WorkerProcess(req.launch_id, r.rank, r.device, proc, log)
-                self.workers.append(w)
-                started.append(w.status())
-        return started
+            try:
+                for r in req.ranks:
+                    spec = RankSpec(model_dir=str(model_dir), plan=req.plan, rank=r.rank, device=r.device,
+                                    context=req.context, threads=threads, timeout_s=req.timeout_s,
+                                    compile=req.compile)
+                    log = self.logdir / f"{req.launch_id}-rank{r.rank}.log"
+                    cmd = worker_command(spec, rendezvous_url(req.master_addr, req.master_port), req.launch_id)
+                    with open(log, "w") as f:
+                        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=env)
+                    started.append(WorkerProcess(req.launch_id, r.rank, r.device, proc, log))
+            except BaseException:
+                for w in started:
+                    w.proc.kill()
+                    w.proc.wait()
+                raise
+            self.workers += started
+        return [w.status() for w in started]
+
+    def check(self, req: LaunchRequest) -> Path:
+        """Why the request cannot run (LaunchRefused), else the model directory it names."""
+        ranks = [r.rank for r in req.ranks]
+        if len(set(ranks)) != len(ranks):
+            raise LaunchRefused(f"ranks {ranks} name a rank twice")
+        asked, offered = Counter(r.device for r in req.ranks), Counter(self.devices)
+        over = [f"{n} x {d}" for d, n in asked.items() if n > offered[d]]
+        if over:
+            raise LaunchRefused(f"this agent offers {self.devices}, not {', '.join(over)}")
+        with self.lock:
+            if any(w.launch_id == req.launch_id for w in self.workers):
+                raise LaunchRefused(f"launch {req.launch_id} was started here already")
+        model_dir = agent_model(req.model)
+        try:
+            cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+            plan = load_plan(json.dumps(req.plan), cfg, source="the launch's plan")
+        except (LlmdError, ValueError, TypeError, KeyError, RecursionError) as e:
+            raise LaunchRefused(str(e)) from None
+        if not all(0 < r < plan.world_size for r in ranks):
+            raise LaunchRefused(f"ranks {ranks} are not all within 1..{plan.world_size - 1}")
+        if req.context > cfg.max_positions:
+            raise LaunchRefused(f"context {req.context} is over the model's {cfg.max_positions} positions")
+        return model_dir
 
     def stop(self, launch_id: str | None = None) -> int:
         with self.lock:
@@ -129,16 +188,11 @@ class AgentState:
         return len(chosen)
 
 
-def create_app(state: AgentState) -> FastAPI:
-    app = FastAPI(title="llmd agent", version=llmd.__version__)
-
-    @app.middleware("http")
-    async def require_signature(request: Request, call_next):
-        body = await request.body()
-        why = state.verifier.check(request.method, request.url.path, request.headers, body)
-        if why:
-            return JSONResponse({"error": why}, status_code=401)
-        return await call_next(request)
+def create_app(state: AgentState):
+    """The control API, behind `SignedApi`: nothing below runs for a request without the pool's signature."""
+    app = FastAPI(title="llmd agent", version=llmd.__version__, default_response_class=PlainJSON,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+    plain_errors(app)
 
     @app.get("/v1/health")
     def health():
@@ -160,8 +214,8 @@ def create_app(state: AgentState) -> FastAPI:
     def launch(req: LaunchRequest):
         try:
             return {"started": state.launch(req)}
-        except Exception as e:  # a bad model path, a rank out of range: the host shows this line
-            return JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=400)
+        except LaunchRefused as e:  # a model it lacks, a rank out of range: the host shows this line
+            return error(400, f"launch refused: {e}")
 
     @app.post("/v1/stop")
     def stop(req: StopRequest):
@@ -171,7 +225,7 @@ def create_app(state: AgentState) -> FastAPI:
     def workers():
         return {"workers": [w.status() for w in state.workers]}
 
-    return app
+    return SignedApi(app, state.verifier)
 
 
 def offered_devices(spec: str | None, inv) -> list[str]:
@@ -206,25 +260,27 @@ def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str
               threads: int | None = None, memory_cap_mb: int | None = None) -> None:
     inv = inventory.read_inventory()
     devices = offered_devices(devices_spec, inv)
-    state = AgentState(agent_id=uuid.uuid4().hex, name=name, address=address, devices=devices,
-                       verifier=Verifier(secret), threads=threads, memory_cap_mb=memory_cap_mb)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address, port))
+    sock = bound_socket(address, port)
     port = sock.getsockname()[1]
+    # Every request names this agent and its address: one captured here is refused by any other agent.
+    agent_id = uuid.uuid4().hex
+    state = AgentState(agent_id=agent_id, name=name, address=address, devices=devices,
+                       verifier=Verifier(secret, receiver_name(agent_id, address, port)), threads=threads,
+                       memory_cap_mb=memory_cap_mb)
     cpu_n = devices.count("cpu")
     advert = Advert(agent_id=state.agent_id, name=name, version=llmd.__version__,
                     devices=inventory.device_summary(inv, cpu_n), device_count=len(devices),
                     free_mb=sum(state.device_free_mb()), address=address, port=port)
     if not inv.gpus:
         print(f"llmd agent: {inv.note}", flush=True)
-    server = QuietServer(uvicorn.Config(create_app(state), log_level="warning"))
+    server = QuietServer(server_config(create_app(state)))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     zc = open_zeroconf(address)
     advertiser = Advertiser(zc, advert)
     advertiser.register()
-    print(f"llmd agent {name} listening on {address}:{port}, offering {advert.devices}", flush=True)
+    print(f"llmd agent {name} listening on {address}:{port}, offering {advert.devices} (agent id {agent_id})",
+          flush=True)
     stop_updates = threading.Event()
     threading.Thread(target=advertise_free_memory, args=(state, advertiser, stop_updates), daemon=True).start()
     try:

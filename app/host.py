@@ -3,7 +3,6 @@ across the joined agents' devices with rank 0 (the driver) in its own process.""
 
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from llmd.engine.balancer import BalancerConfig
@@ -62,7 +61,7 @@ class Host:
         self.close()
 
     def client(self, peer: Peer, timeout_s: float = 10.0) -> AgentClient:
-        return AgentClient(peer.advert.address, peer.advert.port, self.secret, timeout_s)
+        return AgentClient(peer.advert.address, peer.advert.port, self.secret, peer.advert.agent_id, timeout_s)
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -129,7 +128,7 @@ class RemoteCluster(Cluster):
         world = 1 + sum(len(devices) for _, devices in agents)
         super().__init__(spec, world, address, balancer)
         self.model, self.agents = model, agents
-        self.launch_id = uuid.uuid4().hex[:12]
+        self.rendezvous_key = agents[0][0].secret  # every agent gives it to its workers; it is never sent
         self._launched: list[AgentClient] = []
         self._owner: dict[int, str] = {}
 

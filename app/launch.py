@@ -1,21 +1,21 @@
 """Start an engine: rank 0 (the driver) in this process, the other ranks elsewhere.
 
-`Cluster` holds what every launch shares: the rendezvous store on this machine's
-address, loading rank 0's shard while the others load theirs, waiting for them and
-joining their process group (failing fast when one exits), and the driver.
+`Cluster` holds what every launch shares: the rendezvous on this machine's address
+(app/rendezvous.py, open while the ranks join), loading rank 0's shard while the others
+load theirs, waiting for them and joining their process group (failing fast when one
+exits), and the driver.
 `LocalCluster` starts the other ranks as child processes; `app/host.py`'s
 `RemoteCluster` asks agents to.
 """
 
 import os
+import secrets
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
@@ -27,7 +27,9 @@ from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
 
-from .net import engine_env, free_port, worker_failure
+from .net import engine_env, worker_failure
+from .rendezvous import KEY_ENV, rendezvous_url, worker_command
+from .rendezvous_server import Rendezvous
 
 
 class Cluster:
@@ -37,6 +39,9 @@ class Cluster:
         self.spec, self.world_size, self.address = spec, world_size, address
         self.balancer = balancer
         self.driver: Driver | None = None
+        self.launch_id = uuid.uuid4().hex[:12]
+        self.rendezvous_key = secrets.token_hex(32)  # a launch on agents uses the pool secret instead
+        self.rendezvous: Rendezvous | None = None
 
     def __enter__(self):
         try:
@@ -63,17 +68,24 @@ class Cluster:
         os.environ.update(engine_env(self.address))
         store = None
         if self.world_size > 1:
-            port = free_port(self.address)  # a fresh port per launch
-            store = dist.TCPStore(self.address, port, self.world_size, is_master=True,
-                                  timeout=timedelta(seconds=self.spec.timeout_s), wait_for_workers=False)
-            self.start_other_ranks(self.address, port)
+            self.rendezvous = Rendezvous(self.address, self.rendezvous_key, self.launch_id, self.spec.timeout_s)
+            store = self.rendezvous.store
+            self.start_other_ranks(self.address, self.rendezvous.port)
         loaded = load_rank(self.spec)
         if store is not None:
             self._wait_ready(store)
         model = build_model(self.spec, loaded, self._connect(store))
         self.after_connect()
         self.driver = Driver(model, check_workers=self.check_workers, balancer=self.balancer)
+        # Every rank has now joined every group and run a step through it (NCCL makes its communicators on
+        # first use, through the store): the rendezvous closes.
         self.driver.warm_up()
+        self._close_rendezvous()
+
+    def _close_rendezvous(self) -> None:
+        if self.rendezvous is not None:
+            self.rendezvous.close()
+            self.rendezvous = None
 
     def _wait_ready(self, store: dist.Store) -> None:
         """Wait for every other rank to load its shard, failing fast if one exits."""
@@ -130,6 +142,7 @@ class Cluster:
                 pass  # a worker is already gone; stop_other_ranks ends the rest
             self.driver.comm.close()
             self.driver = None
+        self._close_rendezvous()
         self.stop_other_ranks()
 
     # What a kind of cluster defines.
@@ -162,7 +175,7 @@ class LocalCluster(Cluster):
         if self.spec.device == "cpu" and shm.available():
             self._share_memory()
         for rank in range(1, self.world_size):
-            self._spawn(self._rank_spec(rank), f"{address}:{port}")
+            self._spawn(self._rank_spec(rank), rendezvous_url(address, port))
 
     def _share_memory(self) -> None:
         """One shared-memory region per pipeline stage of several ranks, for its all-reduces."""
@@ -179,10 +192,10 @@ class LocalCluster(Cluster):
         path, fds = self._stage_shm.get(rank, (None, None))
         return replace(self.spec, rank=rank, shm_path=path, wake_fds=fds)
 
-    def _spawn(self, spec: RankSpec, master: str) -> None:
+    def _spawn(self, spec: RankSpec, url: str) -> None:
         log = Path(self._logdir.name) / f"rank{spec.rank}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_env(self.address))
-        cmd = [sys.executable, "-m", "llmd.engine.worker", "--spec", spec.to_json(), "--master", master]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **engine_env(self.address), **{KEY_ENV: self.rendezvous_key})
+        cmd = worker_command(spec, url, self.launch_id)
         with open(log, "w") as f:
             self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                                stdin=subprocess.DEVNULL, pass_fds=self._wake_fds))

@@ -5,6 +5,7 @@ wheel. GGUF files are dequantised once by transformers (about 20 s) and written
 to a cached safetensors directory, so later starts read slices straight from it.
 """
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -61,6 +62,13 @@ def resolve_model(spec: str) -> Path:
 
 
 def file_digest(path: Path) -> str:
+    """The start of a file's SHA-256, computed once per version of the file in this process."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):

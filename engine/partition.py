@@ -508,9 +508,9 @@ def load_plan(text: str, cfg: ModelConfig, source: str = "the plan") -> Plan:
             plan = partition.engine_plan()
         else:
             plan = Plan.from_dict(d["plan"] if "plan" in d and "ranks" not in d else d)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        check_plan(plan, cfg)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
         raise BadPlan(f"{source} is not a plan from `llmd plan --json` ({type(e).__name__}: {e})") from None
-    check_plan(plan, cfg)
     return plan
 
 

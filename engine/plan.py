@@ -200,6 +200,7 @@ def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int) -
 def check_plan(plan: Plan, cfg: ModelConfig) -> None:
     """Raise BadPlan unless `plan` covers this model exactly: every layer in one stage, and inside each
     stage every query head, MLP column and vocabulary row on exactly one rank, with the KV heads they read."""
+    check_types(plan)
     n = plan.world_size
     if [r.rank for r in plan.ranks] != list(range(n)):
         raise BadPlan(f"the plan's ranks must be numbered 0..{n - 1} in order")
@@ -212,6 +213,24 @@ def check_plan(plan: Plan, cfg: ModelConfig) -> None:
         if any(s.stage != index for s in shards):
             raise BadPlan(f"stage {index} lists a rank that names another stage")
         check_stage_shards(shards, cfg, index)
+
+
+def check_types(plan: Plan) -> None:
+    """A plan read from JSON holds integers where it counts, so the checks below compare like with like."""
+    def ints(*values) -> bool:
+        return all(type(v) is int for v in values)
+
+    if not ints(plan.epoch) or plan.epoch < 0 or type(plan.kv_replicated) is not bool:
+        raise BadPlan("the plan's epoch must be an integer >= 0 and kv_replicated true or false")
+    if len(plan.shares) != plan.world_size or not all(
+            type(x) in (int, float) and math.isfinite(x) and x > 0 for x in plan.shares):
+        raise BadPlan("the plan needs one positive share per rank")
+    for r in plan.ranks:
+        if not ints(r.rank, r.stage, *r.kv_heads, *r.q_heads, *r.mlp_columns, *r.vocab_rows):
+            raise BadPlan(f"rank {r.rank}: heads, columns, rows and stage must be integers")
+    for st in plan.stages:
+        if not ints(*st.layers, *st.ranks):
+            raise BadPlan("the plan's stages must hold integer layers and ranks")
 
 
 def check_stage_shards(shards: list[RankShard], cfg: ModelConfig, index: int) -> None:

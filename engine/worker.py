@@ -1,17 +1,16 @@
 """Bring up one rank: load its slices, join the process group, and (for workers) serve steps.
 
-Run as `python -m llmd.engine.worker --spec JSON --master ADDR:PORT`; the driver
-runs `start_rank` in its own process as rank 0.
+A worker process (the app layer's `worker` module) runs `run_worker` with the rendezvous store it
+reached; the driver runs `load_rank`, `connect` and `build_model` in its own process as rank 0.
 """
 
-import argparse
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -107,28 +106,21 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="llmd-parent-watch", daemon=True).start()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="llmd engine worker (started by the driver or an agent)")
-    parser.add_argument("--spec", required=True, help="RankSpec as JSON")
-    parser.add_argument("--master", required=True, help="ADDR:PORT of the rendezvous store on the driver")
-    args = parser.parse_args(argv)
-    exit_with_parent()
-    spec = RankSpec(**json.loads(args.spec))
+def run_worker(spec: RankSpec, open_store: Callable[[], dist.Store]) -> int:
+    """A worker rank's life: load its slices, join the group through the store `open_store` gives, serve
+    steps until the driver says stop. Its last line says why when it fails (the driver reads it)."""
     world_size = len(spec.plan["ranks"])
-    host, port = args.master.rsplit(":", 1)
     try:
         loaded = load_rank(spec)
-        store = dist.TCPStore(host, int(port), world_size, is_master=False,
-                              timeout=timedelta(seconds=spec.timeout_s))
-        model = build_model(spec, loaded, connect(spec, store, world_size))
+        model = build_model(spec, loaded, connect(spec, open_store(), world_size))
         serve(model)
         model.comm.close()
-    except Exception as e:  # the driver reads this last line from our log
+    except Exception as e:
         print(f"llmd worker rank {spec.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
               file=sys.stderr, flush=True)
         return 1
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def spec_from_json(text: str) -> RankSpec:
+    return RankSpec(**json.loads(text))

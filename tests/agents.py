@@ -18,6 +18,7 @@ class Agent:
     proc: subprocess.Popen
     address: str
     port: int
+    agent_id: str
 
 
 def new_secret() -> str:
@@ -32,11 +33,11 @@ def start_agent(name: str, secret: str, address: str = "127.0.0.1", devices: str
     popen = run_in or (lambda a, **kw: subprocess.Popen(a, **kw))
     proc = popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     try:
-        m = wait_for_output(proc, r"listening on ([\d.]+):(\d+)", timeout=60)
+        m = wait_for_output(proc, r"listening on ([\d.]+):(\d+).*\(agent id ([0-9a-f]+)\)", timeout=60)
     except BaseException:
         stop(proc)
         raise
-    return Agent(name, proc, m.group(1), int(m.group(2)))
+    return Agent(name, proc, m.group(1), int(m.group(2)), m.group(3))
 
 
 def host_env(secret: str) -> dict:

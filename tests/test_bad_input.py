@@ -124,7 +124,7 @@ def test_worker_killed_mid_generation():
     try:
         assert read_some(cli.stdout, timeout_s=180), "no generated text appeared"
         children = psutil.Process(cli.pid).children(recursive=True)
-        workers = [c for c in children if "llmd.engine.worker" in cmdline(c)]
+        workers = [c for c in children if "llmd.app.worker" in cmdline(c)]
         assert len(workers) == 1, [cmdline(c) for c in children]
         workers[0].send_signal(signal.SIGKILL)
 
