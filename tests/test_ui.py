@@ -4,15 +4,17 @@ One `llmd up` serves the whole module; the tests run in file order on one page a
 of each tab under test-artifacts/ui/.
 """
 
+import json
 import os
 import re
 
+import httpx
 import pytest
 
 from agents import new_secret, start_agent
 from netns import stop
-from ui_helpers import (CHROMIUM_ARGS, chromium_path, open_tab, plot_has_points, remember_children, screenshot,
-                        start_up, stop_up, sync_playwright, table_rows, wait_for, wait_text)
+from ui_helpers import (CHROMIUM_ARGS, call_event, chromium_path, open_tab, plot_has_points, remember_children,
+                        screenshot, start_up, stop_up, sync_playwright, table_rows, wait_for, wait_text)
 
 pytestmark = pytest.mark.slow  # a real `llmd up` and a browser
 
@@ -78,6 +80,30 @@ def send(page, message: str) -> list[str]:
     return partials
 
 
+def test_a_client_without_the_admin_link_cannot_reveal_join_drop_relaunch_or_save_prices(up, secret):
+    refused = {"reveal": [None], "join": ["anyone", None], "drop": ["anyone", None], "relaunch": [],
+               "save_prices": [123.0, "XYZ", "", 65]}
+    for name, data in refused.items():
+        out = call_event(up.url, name, data, session=f"probe-{name}")
+        text = json.dumps(out)
+        assert "Admin only" in text and secret not in text, (name, text)
+    assert call_event(up.url, "price_form", [])[:2] != [123.0, "XYZ"]  # nothing was saved
+    with httpx.Client(base_url=up.url) as admin:  # the same call from an admin session is obeyed
+        assert admin.get(up.admin_link.removeprefix(up.url)).status_code == 303
+        assert secret in json.dumps(call_event(up.url, "reveal", [None], cookies=admin.cookies, session="admin"))
+    assert httpx.get(up.url + "/admin?token=guess").status_code == 403
+
+
+def test_the_page_refuses_other_hosts_other_origins_and_uploads(up):
+    port = up.url.rsplit(":", 1)[1]
+    assert httpx.get(up.url, headers={"Host": f"rebound.example:{port}"}).status_code == 400
+    assert httpx.get(up.url, headers={"Host": f"localhost:{port}"}).status_code == 200
+    posted = httpx.post(up.url + "/gradio_api/queue/join", json={}, headers={"Origin": "http://evil.example"})
+    assert posted.status_code == 403
+    assert httpx.post(up.url + "/gradio_api/upload", files={"files": ("a.txt", b"x")}).status_code == 404
+    assert httpx.get(up.url + "/gradio_api/info").json() == {"named_endpoints": {}, "unnamed_endpoints": {}}
+
+
 def test_chat_streams_a_greedy_reply(page):
     open_tab(page, "Chat")
     page.get_by_text("Generation settings").click()
@@ -103,6 +129,17 @@ def test_stop_cancels_a_reply(page):
     assert "stopped" in stats
     assert int(stats.split()[0]) < 400
     page.fill("#max-new-tokens input", str(MAX_NEW_TOKENS))
+
+
+def test_cluster_tab_changes_need_the_admin_link(page, up, secret):
+    open_tab(page, "Cluster")
+    page.click("#reveal")
+    wait_text(page, "#cluster-note", "Admin only")
+    assert secret not in page.inner_text("#join-command")
+    page.click("#relaunch")
+    wait_text(page, "#cluster-note", "Admin only")
+    page.goto(up.admin_link)  # as the person at the console would: an admin session in this browser
+    wait_text(page, "#status", r"\bready\b", timeout_s=60)
 
 
 def test_cluster_tab_joins_and_drops_an_agent(page, secret):

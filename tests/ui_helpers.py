@@ -22,6 +22,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 class Up:
     proc: subprocess.Popen
     url: str
+    admin_link: str  # printed on its console: opens an admin session in the browser that follows it
     children: list[psutil.Process]  # what it started, checked to be gone after it stops
 
 
@@ -48,11 +49,13 @@ def start_up(tmp: Path, secret: str, *extra: str) -> Up:
             "--address", "127.0.0.1", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     try:
-        url = wait_for_output(proc, r"^llmd: UI at (http://\S+)$", timeout=120).group(1)
+        # Printed just after "llmd: UI at URL"; one read may hold both lines.
+        admin_link = wait_for_output(proc, r"^llmd: admin link .*: (http://\S+)$", timeout=120).group(1)
+        url = admin_link.split("/admin?", 1)[0]
     except BaseException:
         stop(proc)
         raise
-    return Up(proc, url, [])
+    return Up(proc, url, admin_link, [])
 
 
 def remember_children(up: Up) -> None:
@@ -114,3 +117,26 @@ def wait_for(check, what: str, timeout_s: float = 30.0):
             return result
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def call_event(url: str, api_name: str, data: list, cookies=None, session: str = "probe") -> list:
+    """Run one of the page's events as a crafted HTTP client would (Gradio's queue protocol, no browser):
+    the outputs it returns."""
+    import json
+
+    import httpx
+
+    with httpx.Client(base_url=url, cookies=cookies, timeout=30) as client:
+        config = client.get("/config").json()
+        dep = next(d for d in config["dependencies"] if d.get("api_name") == api_name)
+        joined = client.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": dep["id"], "trigger_id": dep["targets"][0][0] if dep["targets"] else None,
+            "session_hash": session, "event_data": None})
+        assert joined.status_code == 200, joined.text
+        with client.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as stream:
+            for line in stream.iter_lines():
+                message = json.loads(line[5:]) if line.startswith("data:") else {}
+                if message.get("msg") == "process_completed":
+                    assert message["success"], message
+                    return message["output"]["data"]
+    raise AssertionError(f"{api_name} never completed")

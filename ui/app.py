@@ -6,6 +6,7 @@ import gradio as gr
 
 from llmd.app.pool import Pool
 
+from .admin import Admin
 from .wiring import Session, wire
 
 FAST_S = 1.0  # the status line and the GPU plots
@@ -17,7 +18,7 @@ class UiOptions:
     max_new_tokens: int = 256  # the chat's default reply length
 
 
-def create_ui(pool: Pool, options: UiOptions = UiOptions()) -> gr.Blocks:
+def create_ui(pool: Pool, admin: Admin, options: UiOptions = UiOptions()) -> gr.Blocks:
     c: dict[str, gr.components.Component] = {}
     with gr.Blocks(title="llmd", analytics_enabled=False) as demo:
         c["session"] = gr.State(Session())
@@ -39,7 +40,7 @@ def create_ui(pool: Pool, options: UiOptions = UiOptions()) -> gr.Blocks:
                 balancer_tab(c)
             with gr.Tab("Costs", id="costs", elem_id="tab-costs"):
                 costs_tab(c)
-        wire(demo, c, pool)
+        wire(demo, c, pool, admin)
     return demo
 
 

@@ -19,6 +19,7 @@ import time
 
 from llmd.app import cli, inventory
 from llmd.app.agent import QuietServer
+from llmd.app.guard import OwnSite, bound_socket, server_config
 from llmd.app.net import primary_address
 from llmd.app.pool import Pool, PoolConfig, Recipe
 from llmd.app.store import Store, default_db_path
@@ -65,7 +66,7 @@ def _retune(parser: argparse.ArgumentParser, dest: str, default, help_text: str)
 def add_web_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"web UI port (default {DEFAULT_PORT}; 0: any free)")
     p.add_argument("--listen", action="store_true",
-                   help="serve the UI to the LAN (all interfaces); by default only this machine can open it")
+                   help="serve the UI to the LAN on --address too; by default only this machine can open it")
     p.add_argument("--db", help="the SQLite store (default: $LLMD_DB, else llmd.db in the user's data folder)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the chat's default reply length (default 256)")
 
@@ -100,15 +101,11 @@ def recipe_for(args, local: bool) -> Recipe:
                   local_workers=args.workers if local else None)
 
 
-def bind(listen: bool, port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def bind(address: str, port: int) -> socket.socket:
     try:
-        sock.bind(("0.0.0.0" if listen else "127.0.0.1", port))
+        return bound_socket(address, port)
     except OSError as e:
-        sock.close()
-        raise LlmdError(f"cannot serve the web UI on port {port}: {e.strerror} (pass --port 0 for any free port)")
-    return sock
+        raise LlmdError(f"cannot serve the web UI on {address}:{port}: {e.strerror} (pass --port 0 for any free port)")
 
 
 def serve(args, local: bool) -> int:
@@ -121,7 +118,7 @@ def serve(args, local: bool) -> int:
     pool = Pool(store, config)
     sock = None
     try:
-        sock = bind(args.listen, args.port)
+        sock = bind(address if args.listen else "127.0.0.1", args.port)
         pool.start(local_agent=local)
         if local:
             pool.launch_local()
@@ -137,27 +134,33 @@ def serve(args, local: bool) -> int:
 
 
 def run_web(args, pool: Pool, sock: socket.socket, address: str) -> None:
-    """Serve the UI until SIGINT/SIGTERM; print the URL once the page is served."""
+    """Serve the UI until SIGINT/SIGTERM; print the URL and the admin link once the page is served."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # an office LAN may have no internet
     import gradio as gr
-    import uvicorn
     from fastapi import FastAPI
 
+    from .admin import Admin, add_login
     from .app import UiOptions, create_ui
 
     port = sock.getsockname()[1]
-    blocks = create_ui(pool, UiOptions(max_new_tokens=args.max_new_tokens))
-    app = gr.mount_gradio_app(FastAPI(title="llmd"), blocks, path="/")
-    server = QuietServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3))
+    admin = Admin()
+    blocks = create_ui(pool, admin, UiOptions(max_new_tokens=args.max_new_tokens))
+    app = FastAPI(title="llmd", openapi_url=None, docs_url=None, redoc_url=None)
+    add_login(app, admin)
+    app = gr.mount_gradio_app(app, blocks, path="/")
+    hosts = ["127.0.0.1", "localhost", *([address] if args.listen else [])]
+    site = OwnSite(app, hosts, port, blocked=("/gradio_api/upload", "/upload"))
+    server = QuietServer(server_config(site, timeout_graceful_shutdown=3))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    shown = address if args.listen else "127.0.0.1"
-    threading.Thread(target=announce, args=(server, f"http://{shown}:{port}"), daemon=True).start()
+    url = f"http://{address if args.listen else '127.0.0.1'}:{port}"
+    threading.Thread(target=announce, args=(server, url, admin.link(url)), daemon=True).start()
     server.run(sockets=[sock])  # returns on SIGINT/SIGTERM
 
 
-def announce(server, url: str) -> None:
+def announce(server, url: str, admin_link: str) -> None:
     while not server.started and not server.should_exit:
         time.sleep(0.05)
     if server.started:
         print(f"llmd: UI at {url}", flush=True)
+        print(f"llmd: admin link (reveal the secret, join, drop, relaunch, prices): {admin_link}", flush=True)

@@ -13,6 +13,7 @@ from llmd.app.pool import ChatSettings, Pool
 from llmd.engine.errors import LlmdError
 
 from . import fns
+from .admin import REFUSED, Admin
 
 
 @dataclass
@@ -37,6 +38,7 @@ def skip(n: int) -> tuple:
 @dataclass
 class Handlers:
     pool: Pool
+    admin: Admin
 
     # ---- status
 
@@ -88,13 +90,15 @@ class Handlers:
             return (session, *skip(2))
         return session, fns.peers_frame(peers), gr.update(choices=fns.peer_names(peers))
 
-    def join(self, name: str, session: Session):
-        return self._peer_action(self.pool.join, name, ("join", "joined"), session)
+    def join(self, name: str, session: Session, request: gr.Request):
+        return self._peer_action(self.pool.join, name, ("join", "joined"), session, request)
 
-    def drop(self, name: str, session: Session):
-        return self._peer_action(self.pool.drop, name, ("drop", "dropped"), session)
+    def drop(self, name: str, session: Session, request: gr.Request):
+        return self._peer_action(self.pool.drop, name, ("drop", "dropped"), session, request)
 
-    def _peer_action(self, action, name: str, verbs: tuple[str, str], session: Session):
+    def _peer_action(self, action, name: str, verbs: tuple[str, str], session: Session, request):
+        if not self.admin.allows(request):
+            return session, gr.skip(), REFUSED
         if not name:
             return session, gr.skip(), "Pick an agent first."
         try:
@@ -105,21 +109,25 @@ class Handlers:
         note = f"{name} {verbs[1]}. The running engine keeps its devices; relaunch to use the change."
         return session, fns.peers_frame(self.pool.peers()), note
 
-    def relaunch(self):
+    def relaunch(self, request: gr.Request):
+        if not self.admin.allows(request):
+            return REFUSED
         try:
             self.pool.relaunch()
         except LlmdError as e:
             return f"Cannot launch now: {e}"
         return "Launching: the status line above shows the progress."
 
-    def join_command(self, session: Session, toggle: bool = False):
-        if toggle:
-            session.reveal = not session.reveal
+    def join_command(self, session: Session):
         label = "Hide secret" if session.reveal else "Reveal secret"
         return session, fns.join_command(self.pool.config.secret, session.reveal), gr.update(value=label)
 
-    def reveal(self, session: Session):
-        return self.join_command(session, toggle=True)
+    def reveal(self, session: Session, request: gr.Request):
+        if not self.admin.allows(request):
+            session.reveal = False
+            return *self.join_command(session), REFUSED
+        session.reveal = not session.reveal
+        return *self.join_command(session), gr.skip()
 
     # ---- GPUs
 
@@ -167,7 +175,9 @@ class Handlers:
         s = self.pool.store.settings()
         return s.electricity_per_kwh, s.currency, fns.format_node_prices(s.node_hourly), s.cpu_tdp_w
 
-    def save_prices(self, price, currency, node_prices, tdp):
+    def save_prices(self, price, currency, node_prices, tdp, request: gr.Request):
+        if not self.admin.allows(request):
+            return f"Not saved. {REFUSED}"
         try:
             settings = fns.settings_from_form(price, currency, node_prices, tdp, self.pool.store.settings())
         except ValueError as e:
@@ -176,10 +186,13 @@ class Handlers:
         return f"Saved: {settings.electricity_per_kwh:g} {settings.currency}/kWh, CPU TDP {settings.cpu_tdp_w:g} W."
 
 
-def wire(demo: gr.Blocks, c: dict, pool: Pool) -> None:
-    h = Handlers(pool)
+def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
+    """Every event is private: the page calls it, no API client is offered it (the admin check inside the
+    handlers is what refuses a crafted call)."""
+    h = Handlers(pool, admin)
     s, live = c["session"], c["live"]
-    quiet = {"show_progress": "hidden"}
+    private = {"api_visibility": "private"}
+    quiet = {"show_progress": "hidden", **private}
     views = [
         (h.status, [s, live], [s, c["status"], c["progress"]], c["fast"]),
         (h.gpus, [s, live, c["window"]], [s, c["devices"], c["util_plot"], c["mem_plot"], c["power_plot"],
@@ -201,12 +214,13 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool) -> None:
                c["greedy"]]
     chat_out = [c["chatbot"], c["message"], c["reply_stats"]]
     for trigger in (c["send"].click, c["message"].submit):
-        trigger(h.respond, chat_in, chat_out, concurrency_limit=None, show_progress="minimal")
+        trigger(h.respond, chat_in, chat_out, concurrency_limit=None, show_progress="minimal", **private)
     c["stop"].click(h.stop, [s], [s], concurrency_limit=None, **quiet)
     c["new_chat"].click(lambda: ([], ""), None, [c["chatbot"], c["reply_stats"]], **quiet)
 
-    c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]])
-    c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]])
-    c["relaunch"].click(h.relaunch, None, [c["cluster_note"]])
-    c["reveal"].click(h.reveal, [s], [s, c["join_command"], c["reveal"]], **quiet)
-    c["save_prices"].click(h.save_prices, [c["price"], c["currency"], c["node_prices"], c["tdp"]], [c["prices_note"]])
+    c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
+    c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
+    c["relaunch"].click(h.relaunch, None, [c["cluster_note"]], **private)
+    c["reveal"].click(h.reveal, [s], [s, c["join_command"], c["reveal"], c["cluster_note"]], **quiet)
+    c["save_prices"].click(h.save_prices, [c["price"], c["currency"], c["node_prices"], c["tdp"]], [c["prices_note"]],
+                           **private)
