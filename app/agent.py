@@ -130,6 +130,8 @@ class AgentState:
                    **engine_env(self.address))
         started: list[WorkerProcess] = []
         with self.lock:
+            if any(w.launch_id == req.launch_id for w in self.workers):
+                raise LaunchRefused(f"launch {req.launch_id} was started here already")
             try:
                 for r in req.ranks:
                     spec = RankSpec(model_dir=str(model_dir), plan=req.plan, rank=r.rank, device=r.device,
@@ -158,9 +160,6 @@ class AgentState:
         over = [f"{n} x {d}" for d, n in asked.items() if n > offered[d]]
         if over:
             raise LaunchRefused(f"this agent offers {self.devices}, not {', '.join(over)}")
-        with self.lock:
-            if any(w.launch_id == req.launch_id for w in self.workers):
-                raise LaunchRefused(f"launch {req.launch_id} was started here already")
         model_dir = agent_model(req.model)
         try:
             cfg = ModelConfig.from_hf(load_hf_config(model_dir))
