@@ -32,6 +32,9 @@ from .rendezvous import KEY_ENV, rendezvous_url, worker_command
 from .rendezvous_server import Rendezvous
 
 
+LOAD_TIMEOUT_S = 600.0
+
+
 class Cluster:
     """Use as a context manager; `driver` runs steps once it is entered."""
 
@@ -88,13 +91,16 @@ class Cluster:
             self.rendezvous = None
 
     def _wait_ready(self, store: dist.Store) -> None:
-        """Wait for every other rank to load its shard, failing fast if one exits."""
+        """Wait for every other rank to load its shard, failing fast if one exits. Starting Python and
+        reading a shard may take longer than ranks may wait for each other (`timeout_s`) once running:
+        a loaded machine, a large model. A rank still alive gets LOAD_TIMEOUT_S at least."""
         keys = [ready_key(r) for r in range(1, self.world_size)]
-        deadline = time.monotonic() + self.spec.timeout_s
+        limit = max(self.spec.timeout_s, LOAD_TIMEOUT_S)
+        deadline = time.monotonic() + limit
         while not store.check(keys):
             self.check_workers()
             if time.monotonic() > deadline:
-                raise WorkerLost(f"workers did not load their shards within {self.spec.timeout_s:.0f} s")
+                raise WorkerLost(f"workers did not load their shards within {limit:.0f} s")
             time.sleep(0.05)
 
     def _connect(self, store: dist.Store | None):
