@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .balancer import WINDOW_STEPS
 from .checkpoint import SliceReader, runs
@@ -147,14 +146,27 @@ def load_layer(r: SliceReader, cfg: ModelConfig, shard: RankShard, i: int, put) 
     )
 
 
+def inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and cos/sin scale, as transformers' LlamaRotaryEmbedding computes them
+    (its rope-scaling functions for llama3, yarn, ...; the default written out as it writes it), without
+    importing the Llama model module, which costs each worker a second at start."""
+    params = hf_config.rope_parameters
+    if params["rope_type"] != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config)
+    dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
 def rope_tables(hf_config, context: int, dtype: torch.dtype, device: torch.device):
     """cos/sin for positions [0, context): [context, D], computed as transformers does."""
-    rope = LlamaRotaryEmbedding(hf_config)
+    inv_freq, scale = inverse_frequencies(hf_config)
     positions = torch.arange(context, dtype=torch.float32)
-    freqs = positions[:, None] * rope.inv_freq.float()[None, :]
+    freqs = positions[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * rope.attention_scaling).to(device=device, dtype=dtype)
-    sin = (emb.sin() * rope.attention_scaling).to(device=device, dtype=dtype)
+    cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+    sin = (emb.sin() * scale).to(device=device, dtype=dtype)
     return cos, sin
 
 
