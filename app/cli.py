@@ -17,6 +17,7 @@ from llmd.engine.errors import BadPlan, LlmdError, ModelDoesNotFit, ModelNotFoun
 from llmd.engine.memory import rank_bytes
 from llmd.engine.partition import describe, load_plan, parse_device, parse_link, plan_partition
 from llmd.engine.presets import PRESETS, preset
+from llmd.engine.runtime import check_prompt
 from llmd.engine.plan import Plan, make_pipeline_plan, parse_shares
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
@@ -276,6 +277,8 @@ def generate_on(args, setup: Setup, cluster: Cluster) -> int:
     text = setup.text
     params = sampling_params(args, text)
     prompt_ids = text.chat_ids([{"role": "user", "content": args.prompt}]) if args.chat else text.encode(args.prompt)
+    cfg = ModelConfig.from_hf(load_hf_config(Path(setup.spec.model_dir)))
+    check_prompt(prompt_ids, setup.spec.context, cfg.max_positions)  # before any process starts
     with cluster:
         driver = cluster.driver
         stream = None if args.json else text.streamer(sys.stdout)

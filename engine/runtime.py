@@ -137,6 +137,15 @@ class RankTimes:
     steps: int
 
 
+def check_prompt(prompt_ids: list[int], context: int, max_positions: int) -> None:
+    """A prompt must leave the KV cache room for at least one new token."""
+    if not prompt_ids:
+        raise PromptTooLong("the prompt is empty")
+    if len(prompt_ids) >= context:
+        raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context holds {context} "
+                            f"(raise --context, up to the model's {max_positions})")
+
+
 class Driver:
     """Rank 0: owns a shard like every rank, and drives the others."""
 
@@ -220,11 +229,7 @@ class Driver:
                  should_stop: Callable[[], bool] = lambda: False) -> Generation:
         """Prefill, then decode until a stop token, the budget, or `should_stop()` (finish "cancelled")."""
         context = self.model.context
-        if not prompt_ids:
-            raise PromptTooLong("the prompt is empty")
-        if len(prompt_ids) >= context:
-            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens; the context holds {context} "
-                                f"(raise --context, up to the model's {self.model.cfg.max_positions})")
+        check_prompt(prompt_ids, context, self.model.cfg.max_positions)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seen = torch.tensor(prompt_ids, dtype=torch.long)
         out = Generation()
