@@ -24,7 +24,7 @@ from llmd.engine.worker import RankSpec
 
 model_dir, delay = sys.argv[1], float(sys.argv[2])
 cfg = ModelConfig.from_hf(load_hf_config(model_dir))
-spec = RankSpec(model_dir=model_dir, plan=make_plan(cfg, [1, 1]).to_dict(), rank=0, timeout_s=8)
+spec = RankSpec(model_dir=model_dir, plan=make_plan(cfg, [1, 1]).to_dict(), rank=0, timeout_s=6)
 params = SamplingParams(max_new_tokens=4, greedy=True, stop_token_ids=[])
 
 
