@@ -30,4 +30,6 @@ if [ -n "$extras" ] && ! command -v chromium >/dev/null && ! command -v chromium
     echo "the web UI tests need Chromium: install it (e.g. sudo apt-get install chromium) or set LLMD_CHROMIUM" >&2
   fi
 fi
+# Convert the bundled GGUF to safetensors once, here, not on the first `llmd up` (about 20 s).
+.venv/bin/python -c 'from llmd.engine.checkpoint import resolve_model; resolve_model("default")'
 echo "llmd is set up in .venv"

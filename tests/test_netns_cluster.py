@@ -59,12 +59,8 @@ def test_host_discovers_agents_in_other_namespaces_and_generates(default_model_d
 
             with ThreadPoolExecutor(len(workstations)) as starting:  # each takes seconds to listen: at once
                 list(starting.map(start, range(len(workstations))))
-            peers = parse_json_line(host.check_output(
-                [*CLI, "peers", "--address", host.address, "--timeout", "3", "--json"], env=host_env(secret)))
-            assert sorted((p["name"], p["address"]) for p in peers) == sorted(
-                (a.name, a.address) for a in agents)
-            assert all(p["health"] == "ok" for p in peers)
-
+            # `generate --agents auto` finds them over multicast, at the addresses they advertise
+            # (`llmd peers` is tested on loopback, test_agents.py).
             proc = host.run_in([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", host.address,
                                 "--threads", "1", "--compile", "off", "--greedy", "--chat", "--max-new-tokens", "10", "--json",
                                 "Name a colour of the rainbow."],
