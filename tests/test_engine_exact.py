@@ -5,7 +5,7 @@ then compares prefill logits, 32 decode steps of logits and the greedy tokens wi
 itself, in fp32 on CPU, and checks that every rank holds exactly the weights the plan gives it.
 Most cases run the CLI's code in this process with the eager decode step (`llmd_here`); the
 compiled decode step, which `--compile auto` picks on CPU, runs through the real `llmd` command
-on one case: two stages, the first head-sharded over two ranks with uneven shares.
+on one case: two ranks with uneven shares (compiling the two stages of a pipeline costs more).
 """
 
 import json
@@ -61,7 +61,7 @@ def assert_holds_its_slice_only(model_dir, out: dict):
         assert mb == pytest.approx(shard_weight_bytes(cfg, plan, rank) / MIB, abs=0.1), f"rank {rank}"
 
 
-@pytest.mark.parametrize("workers,shares,compiled", [(1, None, False), (2, None, False), (2, "2,1", False),
+@pytest.mark.parametrize("workers,shares,compiled", [(1, None, False), (2, None, False), (2, "2,1", True),
                                                      (3, None, False), (3, "1,2,1", False)])
 def test_bundled_model_matches_transformers(default_model_dir, tmp_path, workers, shares, compiled):
     out = run_and_compare(default_model_dir, tmp_path, workers, shares, compiled=compiled)
@@ -76,7 +76,7 @@ def test_tiny_models_match_transformers(tiny_models, tmp_path, kind, workers, sh
         assert out["plan"]["kv_replicated"]
 
 
-@pytest.mark.parametrize("workers,stages,shares,compiled", [(2, 2, None, False), (3, 2, "2,1,1", True),
+@pytest.mark.parametrize("workers,stages,shares,compiled", [(2, 2, None, False), (3, 2, "2,1,1", False),
                                                             (3, 3, None, False)])
 def test_pipeline_stages_match_transformers(default_model_dir, tmp_path, workers, stages, shares, compiled):
     out = run_and_compare(default_model_dir, tmp_path, workers, shares, "--stages", str(stages), compiled=compiled)
