@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from .guard import PlainJSON, SignedApi, ThreadServer, plain_errors
+from .guard import PlainJSON, SignedApi, ThreadServer, error, plain_errors
 from .rendezvous import LONG_POLL_S, MAX_VALUE, Full, Table, TableStore, pack, rendezvous_url, unpack
 from .security import Verifier, receiver_name
 
@@ -40,11 +40,11 @@ def create_app(table: Table, verifier: Verifier):
     @app.post("/v1/rendezvous/{name}")
     def run(name: str, op: Op):
         if name not in ops:
-            return PlainJSON({"error": f"no rendezvous operation {name!r}"[:200]}, status_code=404)
+            return error(404, f"no rendezvous operation {name!r}"[:200])
         try:
             return {"result": ops[name](op)}
         except (Full, ValueError) as e:
-            return PlainJSON({"error": str(e)}, status_code=400)
+            return error(400, str(e))
 
     return SignedApi(app, verifier)
 
