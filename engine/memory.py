@@ -2,26 +2,62 @@
 
 A rank holds only its stage's layers; the embedding rows live on the first stage,
 the LM-head rows and the final norm on the last (a tied embedding is one tensor
-when both are the same stage, and read twice, once per end, when they are not).
+when both are the same stage and dense, and read twice, once per end, when they are
+not). The sizes come from engine/sharding.py's table, the same one the loader reads;
+linear layers cost what their precision holds (engine/quant.py), everything else
+(norms, biases, the embedding) the activation dtype's bytes.
 """
 
+import math
+
+from . import quant, sharding
 from .config import ModelConfig
-from .plan import Plan
+from .plan import Plan, RankShard
 
 
-def shard_weight_bytes(cfg: ModelConfig, plan: Plan, rank: int, bytes_per_param: int = 4) -> int:
+def activation_bytes(weights: str) -> int:
+    """The bytes of a value held in the activation dtype, as the CLI chooses it on CPU (engine/quant.py)."""
+    return quant.DENSE_DTYPES.get(weights, quant.DENSE_DTYPES["fp32"]).itemsize
+
+
+def layer_bytes(cfg: ModelConfig, shard: RankShard, weights: str = "fp32", act_bytes: int | None = None) -> int:
+    """One layer on this rank: every field of the table, with its bias where the model has one."""
+    act = act_bytes or activation_bytes(weights)
+    group = quant.group_size(cfg) if weights == "int4" else 1
+    total = 0
+    for f in sharding.LAYER:
+        rows, *cols = sharding.field_shape(cfg, f.weight, shard)
+        if f.linear:
+            total += quant.weight_bytes(weights, rows, cols[0], group) if weights in quant.QUANTISED else \
+                rows * cols[0] * act
+        else:
+            total += rows * act
+        if f.has_bias(cfg):
+            total += math.prod(sharding.field_shape(cfg, f.bias, shard)) * act
+    return total
+
+
+def ends_bytes(cfg: ModelConfig, shard: RankShard, first: bool, last: bool, weights: str = "fp32",
+               act_bytes: int | None = None) -> int:
+    act = act_bytes or activation_bytes(weights)
+    rows, H = sharding.shape(cfg, sharding.EMBED, shard)
+    total = rows * H * act if first else 0
+    if last:
+        if weights in quant.QUANTISED:
+            group = quant.group_size(cfg) if weights == "int4" else 1
+            total += quant.weight_bytes(weights, rows, H, group)
+        elif not (cfg.tie_word_embeddings and first):
+            total += rows * H * act
+        total += H * act  # the final norm
+    return total
+
+
+def shard_weight_bytes(cfg: ModelConfig, plan: Plan, rank: int, weights: str = "fp32",
+                       act_bytes: int | None = None) -> int:
     shard, stage = plan.ranks[rank], plan.stage_of(rank)
     first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
-    H, D = cfg.hidden_size, cfg.head_dim
-    q, kv, cols = len(shard.q_heads), len(shard.kv_heads), shard.num_mlp_columns
-    per_layer = (q + 2 * kv) * D * H + H * q * D + 3 * cols * H + 2 * H  # qkv, o, gate/up/down, norms
-    per_layer += ((q + 2 * kv) * D if cfg.qkv_bias else 0) + (H if cfg.o_bias else 0)
-    per_layer += (2 * cols + H) if cfg.mlp_bias else 0
-    rows = shard.num_vocab_rows * H
-    embed = rows if first else 0
-    head = (0 if cfg.tie_word_embeddings and first else rows) + H if last else 0  # + the final norm
     layers = stage.layers[1] - stage.layers[0]
-    return (layers * per_layer + embed + head) * bytes_per_param
+    return layers * layer_bytes(cfg, shard, weights, act_bytes) + ends_bytes(cfg, shard, first, last, weights, act_bytes)
 
 
 def kv_cache_bytes(cfg: ModelConfig, plan: Plan, rank: int, context: int, slots: int,
@@ -31,5 +67,7 @@ def kv_cache_bytes(cfg: ModelConfig, plan: Plan, rank: int, context: int, slots:
     return 2 * layers * slots * len(plan.ranks[rank].kv_heads) * context * cfg.head_dim * bytes_per_value
 
 
-def rank_bytes(cfg: ModelConfig, plan: Plan, rank: int, context: int, slots: int) -> int:
-    return shard_weight_bytes(cfg, plan, rank) + kv_cache_bytes(cfg, plan, rank, context, slots)
+def rank_bytes(cfg: ModelConfig, plan: Plan, rank: int, context: int, slots: int, weights: str = "fp32",
+               act_bytes: int | None = None) -> int:
+    act = act_bytes or activation_bytes(weights)
+    return shard_weight_bytes(cfg, plan, rank, weights, act) + kv_cache_bytes(cfg, plan, rank, context, slots, act)

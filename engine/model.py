@@ -4,6 +4,7 @@ Every rank runs this same forward on its own shard: its query heads with their
 KV heads, its MLP columns and its vocabulary rows. Two all-reduces per layer
 (after o_proj and after down_proj) join the partial sums; one more joins the
 embedding lookup. The KV cache is static: [slots, local KV heads, context, head_dim].
+Which checkpoint slices make up a shard is engine/sharding.py's table.
 """
 
 import time
@@ -15,54 +16,65 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import quant, sharding
 from .balancer import WINDOW_STEPS
-from .checkpoint import SliceReader, runs
+from .checkpoint import SliceReader
 from .config import ModelConfig
+from .layers import Dense, Int4, Int8, Linear, nbytes
 from .plan import Plan, RankShard
+from .quant import QUANTISED
 from .reslice import ReusingReader, held_by_ends, held_by_layer
 
 
 @dataclass
 class LayerWeights:
+    """One layer of a rank's shard; the fields are engine/sharding.py's LAYER table."""
+
     attn_norm: torch.Tensor  # [H]
-    wq: torch.Tensor  # [q_local * D, H]
-    bq: torch.Tensor | None
-    wkv: torch.Tensor  # [2 * kv_local * D, H]: k rows then v rows
-    bkv: torch.Tensor | None
-    wo: torch.Tensor  # [H, q_local * D]
-    bo: torch.Tensor | None  # full, added once after the all-reduce
+    q: Linear  # [q_local * D, H]
+    kv: Linear  # [2 * kv_local * D, H]: k rows then v rows
+    o: Linear  # [H, q_local * D]
+    o_bias: torch.Tensor | None  # full, added once after the all-reduce
     mlp_norm: torch.Tensor  # [H]
-    wgu: torch.Tensor  # [2 * cols, H]: gate rows then up rows
-    bgu: torch.Tensor | None
-    wdown: torch.Tensor  # [H, cols]
-    bdown: torch.Tensor | None
+    gate_up: Linear  # [2 * cols, H]: gate rows then up rows
+    down: Linear  # [H, cols]
+    down_bias: torch.Tensor | None  # full, added once after the all-reduce
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = []
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif value is not None:
+                out += value.tensors()
+        return out
 
 
 @dataclass
 class ShardWeights:
     embed: torch.Tensor | None  # [vocab_local, H], on the first stage
-    lm_head: torch.Tensor | None  # [vocab_local, H], on the last stage; the embed tensor itself when tied
+    lm_head: Linear | None  # [vocab_local, H], on the last stage; over the embed tensor itself when tied
     final_norm: torch.Tensor | None  # [H], on the last stage
     layers: list[LayerWeights]  # this stage's layers
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for t in (self.embed, self.final_norm) if t is not None]
-        if self.lm_head is not None and self.lm_head is not self.embed:
-            out.append(self.lm_head)
+        if self.lm_head is not None:
+            out += [t for t in self.lm_head.tensors() if t is not self.embed]
         for layer in self.layers:
-            out += [t for t in vars(layer).values() if t is not None]
+            out += layer.tensors()
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return nbytes(self.tensors())
 
 
 VOCAB_BLOCK = 4096  # vocabulary rows read between two rests of a paced load
 
 
 def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
-               device: torch.device, after_layer=None, reuse: "tuple[RankShard, ShardWeights] | None" = None
-               ) -> "ShardWeights":
+               device: torch.device, after_layer=None, reuse: "tuple[RankShard, ShardWeights] | None" = None,
+               weights: str = "fp32") -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
     the LM head (last stage). `after_layer(seconds)` is called after each layer, and after
@@ -70,15 +82,16 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
     background loads with it. With `reuse` (the rank's current shard and weights, in the same
     stage), what they hold is copied from memory and only the rest is read (engine/reslice.py).
 
+    `weights` int8 or int4: each linear layer is quantised as it is read, one checkpoint tensor at
+    a time (engine/quant.py); everything else is held in `dtype`, as dense weights are.
+
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.
     """
     shard, stage = plan.ranks[rank], plan.stage_of(rank)
     first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
-
-    def put(t):
-        # Slices come back as fresh tensors (SliceReader copies what it reads): no second copy.
-        return t.to(device=device, dtype=dtype).contiguous()
+    make = Maker(cfg, shard, weights, dtype, device)
+    put = make.put
 
     @contextmanager
     def reader(held):
@@ -103,47 +116,97 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
     for i in range(*stage.layers):
         t = time.perf_counter()
         with reader(lambda old, w, i=i: held_by_layer(cfg, old, w.layers[i - stage.layers[0]], i)) as r:
-            layers.append(load_layer(r, cfg, shard, i, put))
+            layers.append(load_layer(r, cfg, shard, i, make))
         if after_layer:
             after_layer(time.perf_counter() - t)
     with reader(held_by_ends) as r:
-        tied = cfg.tie_word_embeddings or not r.has("lm_head.weight")
-        embed = vocab(r, "model.embed_tokens.weight") if first or (last and tied) else None
+        tied = cfg.tie_word_embeddings or not r.has(sharding.LM_HEAD.name)
+        embed = vocab(r, sharding.EMBED.name) if first or (last and tied) else None
         lm_head = None
-        if last:
-            lm_head = embed if tied else vocab(r, "lm_head.weight")
-        final_norm = put(r.whole("model.norm.weight")) if last else None
+        if last and weights in QUANTISED:  # quantised block by block; a tied embedding stays dense
+            name = sharding.EMBED.name if tied else sharding.LM_HEAD.name
+            lm_head = make.rows_linear([r.rows(name, [(a, min(a + VOCAB_BLOCK, shard.vocab_rows[1]))])
+                                        for a in range(*shard.vocab_rows, VOCAB_BLOCK)])
+        elif last:
+            lm_head = Dense(embed if tied else vocab(r, sharding.LM_HEAD.name))
+        final_norm = put(r.whole(sharding.FINAL_NORM.name)) if last else None
     if not first:
         embed = None  # the last stage read the rows only as its tied LM head
     return ShardWeights(embed=embed, lm_head=lm_head, final_norm=final_norm, layers=layers)
 
 
-def load_layer(r: SliceReader, cfg: ModelConfig, shard: RankShard, i: int, put) -> LayerWeights:
-    D = cfg.head_dim
-    q_rows, kv_rows, cols = runs(shard.q_heads, D), runs(shard.kv_heads, D), [shard.mlp_columns]
-    p = f"model.layers.{i}."
-    a, m = p + "self_attn.", p + "mlp."
+def read_piece(r: SliceReader, cfg: ModelConfig, shard: RankShard, piece: sharding.Piece, prefix: str = ""):
+    """The rank's slice of one checkpoint tensor, as the table splits it."""
+    name = prefix + piece.name
+    if piece.dim is None:
+        return r.whole(name)
+    read = r.rows if piece.dim == 0 else r.cols
+    return read(name, sharding.ranges(cfg, shard, piece.unit))
 
-    def kv(kind: str):
-        return torch.cat([r.rows(a + f"k_proj.{kind}", kv_rows), r.rows(a + f"v_proj.{kind}", kv_rows)])
 
-    def gate_up(kind: str):
-        return torch.cat([r.rows(m + f"gate_proj.{kind}", cols), r.rows(m + f"up_proj.{kind}", cols)])
+def read_field(r: SliceReader, cfg: ModelConfig, shard: RankShard, pieces, prefix: str) -> torch.Tensor:
+    parts = [read_piece(r, cfg, shard, p, prefix) for p in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    return LayerWeights(
-        attn_norm=put(r.whole(p + "input_layernorm.weight")),
-        wq=put(r.rows(a + "q_proj.weight", q_rows)),
-        bq=put(r.rows(a + "q_proj.bias", q_rows)) if cfg.qkv_bias else None,
-        wkv=put(kv("weight")),
-        bkv=put(kv("bias")) if cfg.qkv_bias else None,
-        wo=put(r.cols(a + "o_proj.weight", q_rows)),
-        bo=put(r.whole(a + "o_proj.bias")) if cfg.o_bias else None,
-        mlp_norm=put(r.whole(p + "post_attention_layernorm.weight")),
-        wgu=put(gate_up("weight")),
-        bgu=put(gate_up("bias")) if cfg.mlp_bias else None,
-        wdown=put(r.cols(m + "down_proj.weight", cols)),
-        bdown=put(r.whole(m + "down_proj.bias")) if cfg.mlp_bias else None,
-    )
+
+def load_layer(r: SliceReader, cfg: ModelConfig, shard: RankShard, i: int, make: "Maker") -> LayerWeights:
+    prefix, fields = sharding.layer_prefix(i), {}
+    for f in sharding.LAYER:
+        if not f.linear:
+            fields[f.name] = make.put(read_field(r, cfg, shard, f.weight, prefix))
+            continue
+        bias = make.put(read_field(r, cfg, shard, f.bias, prefix)) if f.has_bias(cfg) else None
+        if f.bias and f.bias[0].dim is None:  # a whole bias of a split input: added after the all-reduce
+            fields[f.name], fields[f.name + "_bias"] = make.linear(r, f, prefix, None), bias
+        else:
+            fields[f.name] = make.linear(r, f, prefix, bias)
+    return LayerWeights(**fields)
+
+
+@dataclass
+class Maker:
+    """Builds a rank's fields in its precision: dense tensors in `dtype`, linear layers dense or quantised."""
+
+    cfg: ModelConfig
+    shard: RankShard
+    weights: str
+    dtype: torch.dtype
+    device: torch.device
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        # Slices come back as fresh tensors (SliceReader copies what it reads): no second copy.
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def linear(self, r: SliceReader, f: sharding.Field, prefix: str, bias: torch.Tensor | None) -> Linear:
+        if self.weights not in QUANTISED:
+            return Dense(self.put(read_field(r, self.cfg, self.shard, f.weight, prefix)), bias)
+        # Piece by piece (k then v, gate then up), so no more than one checkpoint tensor is held unquantised.
+        parts = [self.quantised_piece(r, p, prefix) for p in f.weight]
+        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias)
+
+    def rows_linear(self, blocks: list[torch.Tensor]) -> Linear:
+        """A row-split layer (the LM head) from its row blocks, each quantised as it comes."""
+        parts = [self.quantise(b) for b in blocks]
+        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)))
+
+    def kind(self, *tensors, bias=None) -> Linear:
+        tensors = [t.to(self.device) for t in tensors]
+        return (Int8 if self.weights == "int8" else Int4)(*tensors, bias=bias)
+
+    def quantised_piece(self, r: SliceReader, piece: sharding.Piece, prefix: str) -> tuple[torch.Tensor, ...]:
+        if self.weights == "int8" and piece.dim == 1:
+            # A row's scale is the whole row's, though this rank holds only some of its columns.
+            whole = r.whole(prefix + piece.name)
+            scales = quant.int8_scales(whole)
+            cols = torch.cat([whole[:, a:b] for a, b in sharding.ranges(self.cfg, self.shard, piece.unit)], dim=1)
+            return quant.quantise_int8(cols, scales), scales
+        return self.quantise(read_piece(r, self.cfg, self.shard, piece, prefix))
+
+    def quantise(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.weights == "int8":
+            scales = quant.int8_scales(w)
+            return quant.quantise_int8(w, scales), scales
+        return quant.quantise_int4(w, quant.group_size(self.cfg))
 
 
 def inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:
@@ -170,19 +233,6 @@ def rope_tables(hf_config, context: int, dtype: torch.dtype, device: torch.devic
     return cos, sin
 
 
-def proj(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + bias, w [out, in].
-
-    Compiled, one row per sequence (decode) becomes a fused multiply-sum that streams the
-    weights at memory speed, where the BLAS matrix-vector path on CPU reaches about a third
-    of it (bench/decode.py). Eager, the same expression would materialise w-sized temporaries.
-    """
-    if x.shape[-2] == 1 and torch.compiler.is_compiling():
-        y = (w * x.unsqueeze(-2)).sum(-1)  # [..., 1, out]
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -195,39 +245,41 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def qkv_block(x, norm_w, wq, bq, wkv, bkv, cos, sin, eps: float, D: int):
+def qkv_block(x, norm_w, q_proj: Linear, kv_proj: Linear, cos, sin, eps: float, D: int):
     """Norm, Q and KV projections and RoPE: x [B, S, H] -> q [B, nq, S, D], k and v [B, nkv, S, D].
-    Head counts come from the weights' shapes, so a compiled block follows the balancer's moves."""
+    Head counts come from the outputs' shapes, so a compiled block follows the balancer's moves."""
     B, S, _ = x.shape
     h = rms_norm(x, norm_w, eps)
-    q = proj(h, wq, bq)  # [B, S, nq * D]
-    k, v = proj(h, wkv, bkv).chunk(2, dim=-1)  # [B, S, nkv * D] each
+    q = q_proj(h)  # [B, S, nq * D]
+    k, v = kv_proj(h).chunk(2, dim=-1)  # [B, S, nkv * D] each
     q = rotate(q.view(B, S, -1, D).transpose(1, 2), cos, sin)
     k = rotate(k.view(B, S, -1, D).transpose(1, 2), cos, sin)
     return q, k, v.view(B, S, -1, D).transpose(1, 2)
 
 
-def out_block(attn, wo):
+def out_block(attn, o_proj: Linear):
     """attn [B, nq, S, D] -> this rank's partial sum of o_proj, [B, S, H]."""
     B, nq, S, D = attn.shape
-    return proj(attn.transpose(1, 2).reshape(B, S, nq * D), wo)
+    return o_proj(attn.transpose(1, 2).reshape(B, S, nq * D))
 
 
-def mlp_block(x, norm_w, wgu, bgu, wdown, eps: float):
+def mlp_block(x, norm_w, gate_up: Linear, down: Linear, eps: float):
     """Norm, fused gate/up, SiLU, down: x [B, S, H] -> this rank's partial sum, [B, S, H]."""
-    gate, up = proj(rms_norm(x, norm_w, eps), wgu, bgu).chunk(2, dim=-1)  # [B, S, cols] each
-    return proj(F.silu(gate) * up, wdown)
+    gate, up = gate_up(rms_norm(x, norm_w, eps)).chunk(2, dim=-1)  # [B, S, cols] each
+    return down(F.silu(gate) * up)
 
 
-def head_block(x, norm_w, lm_head, eps: float):
+def head_block(x, norm_w, lm_head: Linear, eps: float):
     """x [..., H] -> this rank's slice of the logits."""
-    return proj(rms_norm(x, norm_w, eps), lm_head)
+    return lm_head(rms_norm(x, norm_w, eps))
 
 
 @dataclass(frozen=True)
 class Blocks:
     """The per-layer math, eager or compiled. Decode steps (one token per row) run compiled
-    blocks where available; prefill runs eager, since its shapes change with every prompt."""
+    blocks where available; prefill runs eager, since its shapes change with every prompt.
+    Compiled for a reshardable rank, the weights' sharded dimensions are marked symbolic
+    (`mark_sharded`), so the balancer's moves reuse the same compiled code."""
 
     qkv: object = qkv_block
     out: object = out_block
@@ -235,26 +287,30 @@ class Blocks:
     head: object = head_block
 
     @classmethod
-    def compiled(cls, reshardable: bool = False) -> "Blocks":
-        """Compiled for this rank's shapes; `reshardable`: the sharded dimensions stay symbolic, so the
-        balancer's moves (other head counts, column and row ranges) reuse the same compiled code."""
+    def compiled(cls) -> "Blocks":
         c = lambda f: torch.compile(f, dynamic=False)
-        if not reshardable:
-            return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
-        return cls(symbolic(c(qkv_block), {2: 0, 3: 0, 4: 0, 5: 0}), symbolic(c(out_block), {0: 1, 1: 1}),
-                   symbolic(c(mlp_block), {2: 0, 3: 0, 4: 1}), symbolic(c(head_block), {2: 0}))
+        return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
 
 
-def symbolic(fn, dims: dict[int, int]):
-    """Call `fn` with dimension dims[i] of tensor argument i marked dynamic. A dimension of size 1
-    cannot be (the compiler specialises it): a move to or from one head recompiles once."""
-    def call(*args):
-        for i, dim in dims.items():
-            if isinstance(args[i], torch.Tensor) and args[i].shape[dim] > 1:
-                torch._dynamo.mark_dynamic(args[i], dim)
-        return fn(*args)
+def mark_sharded(weights: ShardWeights) -> None:
+    """Mark each linear layer's split dimension (the table's) dynamic for the compiler."""
+    for layer in weights.layers:
+        for f in sharding.LAYER:
+            if f.linear:
+                getattr(layer, f.name).mark_dynamic(f.dim)
+    if weights.lm_head is not None:
+        weights.lm_head.mark_dynamic(sharding.LM_HEAD.dim)
 
-    return call
+
+@dataclass(frozen=True)
+class StepInputs:
+    cos: torch.Tensor  # [B, 1, S, D]: RoPE rows of each row's positions
+    sin: torch.Tensor
+    write_at: tuple[torch.Tensor, ...]  # (slot, KV head, position) indices of the cache entries written
+    slots: torch.Tensor  # [B]
+    one_slot: int | None  # the slot when the step has one row: its cache is read as a view, not gathered
+    length: int  # cache positions attended to
+    mask: torch.Tensor | None  # [B, 1, S, L], None when every query sees every key
 
 
 @dataclass(frozen=True)
@@ -325,7 +381,8 @@ class ShardedModel:
         self.context, self.slots = context, slots
         self.cos, self.sin = rope_tables(hf_config, context, dtype, device)
         self.eager = Blocks()
-        self.decode_blocks = Blocks.compiled(reshardable) if compiled else self.eager
+        self.decode_blocks = Blocks.compiled() if compiled else self.eager
+        self.reshardable = compiled and reshardable
         self.clock = StepClock(slowdown)
         self.filled = [0] * slots  # positions written per KV slot
         self.load = None  # plan -> this rank's ShardWeights, set by the worker; the balancer reloads with it
@@ -344,17 +401,27 @@ class ShardedModel:
         norm = zeros(H) + 1  # weights are ordinary tensors, activations inference tensors, as in forward
         for nkv in (1, 2):
             nq = nkv * cfg.group_size
-            wq, wkv, wo = zeros(nq * D, H), zeros(2 * nkv * D, H), zeros(H, nq * D)
+            q, kv, o = Dense(zeros(nq * D, H)), Dense(zeros(2 * nkv * D, H)), Dense(zeros(H, nq * D))
+            for linear, dim in ((q, 0), (kv, 0), (o, 1)):
+                linear.mark_dynamic(dim)
             with torch.inference_mode():  # the compiled code is guarded on it, and on each tensor's kind
                 x = zeros(1, 1, H)
                 cos, sin = self.cos[:1].view(1, 1, 1, D).clone(), self.sin[:1].view(1, 1, 1, D).clone()
-                q, _, _ = self.decode_blocks.qkv(x, norm, wq, None, wkv, None, cos, sin, cfg.rms_norm_eps, D)
-                self.decode_blocks.out(q, wo)
+                q_out, _, _ = self.decode_blocks.qkv(x, norm, q, kv, cos, sin, cfg.rms_norm_eps, D)
+                self.decode_blocks.out(self.heads_symbolic(q_out), o)
+
+    def heads_symbolic(self, attn: torch.Tensor) -> torch.Tensor:
+        """attn [B, nq, S, D], its head count marked symbolic like the o_proj columns it meets."""
+        if self.reshardable and attn.shape[1] > 1:
+            torch._dynamo.mark_dynamic(attn, 1)
+        return attn
 
     def adopt(self, plan: Plan, weights: ShardWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor]):
         """Take a plan epoch's shard: at start, and when the balancer switches every rank at once."""
         cfg = self.cfg
         self.plan, self.w = plan, weights
+        if self.reshardable:
+            mark_sharded(weights)
         self.shard, self.stage = plan.ranks[self.rank], plan.stage_of(self.rank)
         self.first, self.last = self.shard.stage == 0, self.shard.stage == len(plan.stages) - 1
         self.nq, self.nkv = len(self.shard.q_heads), len(self.shard.kv_heads)
@@ -381,24 +448,31 @@ class ShardedModel:
         with self.clock.waiting():
             self.comm.all_reduce(t)
 
-    def attend(self, layer: int, q, k, v, slots: list[int], starts: list[int], mask):
+    def attend(self, layer: int, q, k, v, step: "StepInputs"):
         """Write k, v [B, nkv, S, D] into the cache and attend: q [B, nq, S, D] -> [B, nq, S, D]."""
-        S = q.shape[2]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        for b, (slot, p) in enumerate(zip(slots, starts)):
-            kc[slot, :, p : p + S] = k[b]
-            vc[slot, :, p : p + S] = v[b]
-            self.filled[slot] = max(self.filled[slot], p + S)
-        length = max(starts) + S
-        if len(slots) == 1:
-            keys = kc[slots[0] : slots[0] + 1, :, :length]  # [1, nkv, L, D], a view
-            values = vc[slots[0] : slots[0] + 1, :, :length]
+        kc.index_put_(step.write_at, k)  # every row's positions in its slot, in one write
+        vc.index_put_(step.write_at, v)
+        if step.one_slot is not None:
+            keys = kc[step.one_slot : step.one_slot + 1, :, : step.length]  # [1, nkv, L, D], a view
+            values = vc[step.one_slot : step.one_slot + 1, :, : step.length]
         else:
-            index = torch.tensor(slots, device=q.device)
-            keys, values = kc[index, :, :length], vc[index, :, :length]  # [B, nkv, L, D]
+            keys, values = kc[step.slots, :, : step.length], vc[step.slots, :, : step.length]  # [B, nkv, L, D]
         if not self.gqa:
             keys, values = keys[:, self.kv_of_q], values[:, self.kv_of_q]  # [B, nq, L, D]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=self.gqa)
+
+    def step_inputs(self, slots: list[int], starts: list[int], S: int, device) -> "StepInputs":
+        """What every layer of one step shares: positions, RoPE rows, cache indices and the mask."""
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(S, device=device)  # [B, S]
+        slot_t = torch.tensor(slots, device=device)
+        heads = torch.arange(len(self.shard.kv_heads), device=device)
+        write_at = (slot_t[:, None, None], heads[None, :, None], pos[:, None, :])  # -> [B, nkv, S]
+        for slot, p in zip(slots, starts):
+            self.filled[slot] = max(self.filled[slot], p + S)
+        return StepInputs(cos=self.cos[pos].unsqueeze(1), sin=self.sin[pos].unsqueeze(1), write_at=write_at,
+                          slots=slot_t, one_slot=slots[0] if len(slots) == 1 else None,
+                          length=max(starts) + S, mask=self.causal_mask(starts, S, device))
 
     def causal_mask(self, starts: list[int], S: int, device) -> torch.Tensor | None:
         """[B, 1, S, L] boolean mask, or None when every query may see every cached key."""
@@ -431,18 +505,16 @@ class ShardedModel:
         B, S = tokens.shape
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         blocks = self.decode_blocks if S == 1 else self.eager
-        pos = torch.tensor(starts, device=tokens.device)[:, None] + torch.arange(S, device=tokens.device)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, S, D]
-        mask = self.causal_mask(starts, S, tokens.device)
+        step = self.step_inputs(slots, starts, S, tokens.device)
         x = self.stage_input(tokens)  # [B, S, H]
         for i, lw in enumerate(self.w.layers):
-            q, k, v = blocks.qkv(x, lw.attn_norm, lw.wq, lw.bq, lw.wkv, lw.bkv, cos, sin, eps, cfg.head_dim)
-            y = blocks.out(self.attend(i, q, k, v, slots, starts, mask), lw.wo)  # [B, S, H], partial
+            q, k, v = blocks.qkv(x, lw.attn_norm, lw.q, lw.kv, step.cos, step.sin, eps, cfg.head_dim)
+            y = blocks.out(self.heads_symbolic(self.attend(i, q, k, v, step)), lw.o)  # [B, S, H], partial
             self.all_reduce(y)
-            x = x + (y if lw.bo is None else y + lw.bo)
-            y = blocks.mlp(x, lw.mlp_norm, lw.wgu, lw.bgu, lw.wdown, eps)  # [B, S, H], partial
+            x = x + (y if lw.o_bias is None else y + lw.o_bias)
+            y = blocks.mlp(x, lw.mlp_norm, lw.gate_up, lw.down, eps)  # [B, S, H], partial
             self.all_reduce(y)
-            x = x + (y if lw.bdown is None else y + lw.bdown)
+            x = x + (y if lw.down_bias is None else y + lw.down_bias)
         logits = self.stage_output(x, blocks, all_logits)  # [B, S or 1, V] on rank 0, else None
         if logits is None or all_logits:
             return logits

@@ -10,8 +10,10 @@ move never changes a logit.
 
 import torch
 
-from .checkpoint import SliceReader, runs
+from . import sharding
+from .checkpoint import SliceReader
 from .config import ModelConfig
+from .layers import Dense
 from .plan import RankShard
 
 Held = dict[str, tuple[torch.Tensor, int | None, list[tuple[int, int]]]]  # name -> (tensor, dim, global ranges)
@@ -78,32 +80,34 @@ def pieces(a: int, b: int, have: list[tuple[int, int]]) -> list[tuple[int, int, 
     return out
 
 
+def held_pieces(cfg: ModelConfig, shard: RankShard, pieces, tensor: torch.Tensor, prefix: str = "") -> Held:
+    """What a field's tensor holds of each of its pieces: fused pieces are consecutive row blocks."""
+    held: Held = {}
+    offset = 0
+    for piece in pieces:
+        rows = sharding.shape(cfg, piece, shard)[0]
+        part = tensor if len(pieces) == 1 else tensor.narrow(0, offset, rows)
+        have = [] if piece.dim is None else sharding.ranges(cfg, shard, piece.unit)
+        held[prefix + piece.name] = (part, piece.dim, have)
+        offset += rows
+    return held
+
+
 def held_by_layer(cfg: ModelConfig, shard: RankShard, layer, i: int) -> Held:
-    """Which checkpoint tensors of layer `i` the rank's `layer` weights hold, and which of their ranges."""
-    D = cfg.head_dim
-    q, kv, cols = runs(shard.q_heads, D), runs(shard.kv_heads, D), [shard.mlp_columns]
-    nk, nc = len(shard.kv_heads) * D, shard.num_mlp_columns
-    a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-    held: Held = {
-        f"model.layers.{i}.input_layernorm.weight": (layer.attn_norm, None, []),
-        f"model.layers.{i}.post_attention_layernorm.weight": (layer.mlp_norm, None, []),
-        a + "q_proj.weight": (layer.wq, 0, q),
-        a + "k_proj.weight": (layer.wkv[:nk], 0, kv),
-        a + "v_proj.weight": (layer.wkv[nk:], 0, kv),
-        a + "o_proj.weight": (layer.wo, 1, q),
-        m + "gate_proj.weight": (layer.wgu[:nc], 0, cols),
-        m + "up_proj.weight": (layer.wgu[nc:], 0, cols),
-        m + "down_proj.weight": (layer.wdown, 1, cols),
-    }
-    if layer.bq is not None:
-        held.update({a + "q_proj.bias": (layer.bq, 0, q), a + "k_proj.bias": (layer.bkv[:nk], 0, kv),
-                     a + "v_proj.bias": (layer.bkv[nk:], 0, kv)})
-    if layer.bgu is not None:
-        held.update({m + "gate_proj.bias": (layer.bgu[:nc], 0, cols), m + "up_proj.bias": (layer.bgu[nc:], 0, cols)})
-    if layer.bo is not None:
-        held[a + "o_proj.bias"] = (layer.bo, None, [])
-    if layer.bdown is not None:
-        held[m + "down_proj.bias"] = (layer.bdown, None, [])
+    """Which checkpoint tensors of layer `i` the rank's `layer` weights hold, and which of their ranges.
+    Only dense weights are reused; a quantised one is read and quantised again (the same values)."""
+    prefix, held = sharding.layer_prefix(i), {}
+    for f in sharding.LAYER:
+        value = getattr(layer, f.name)
+        if not f.linear:
+            held.update(held_pieces(cfg, shard, f.weight, value, prefix))
+            continue
+        if not isinstance(value, Dense):
+            continue
+        held.update(held_pieces(cfg, shard, f.weight, value.weight, prefix))
+        bias = value.bias if value.bias is not None else getattr(layer, f.name + "_bias", None)
+        if bias is not None:
+            held.update(held_pieces(cfg, shard, f.bias, bias, prefix))
     return held
 
 
@@ -112,11 +116,12 @@ def held_by_ends(shard: RankShard, weights) -> Held:
     vocab = [shard.vocab_rows]
     held: Held = {}
     if weights.embed is not None:
-        held["model.embed_tokens.weight"] = (weights.embed, 0, vocab)
-    if weights.lm_head is not None and weights.lm_head is not weights.embed:
-        held["lm_head.weight"] = (weights.lm_head, 0, vocab)
-    elif weights.lm_head is not None:  # tied: the LM head rows are the embedding's
-        held["model.embed_tokens.weight"] = (weights.lm_head, 0, vocab)
+        held[sharding.EMBED.name] = (weights.embed, 0, vocab)
+    head = weights.lm_head
+    if isinstance(head, Dense) and head.weight is not weights.embed:
+        held[sharding.LM_HEAD.name] = (head.weight, 0, vocab)
+    elif isinstance(head, Dense):  # tied: the LM head rows are the embedding's
+        held[sharding.EMBED.name] = (head.weight, 0, vocab)
     if weights.final_norm is not None:
-        held["model.norm.weight"] = (weights.final_norm, None, [])
+        held[sharding.FINAL_NORM.name] = (weights.final_norm, None, [])
     return held

@@ -9,7 +9,7 @@ import torch
 from llmd.engine.checkpoint import SliceReader
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine import model
-from llmd.engine.model import load_layer, load_shard
+from llmd.engine.model import Maker, load_layer, load_shard
 from llmd.engine.plan import make_plan
 from llmd.engine.reslice import ReusingReader, held_by_layer, pieces
 
@@ -69,9 +69,9 @@ def test_what_a_move_leaves_alone_is_shared_not_copied(tiny_models):
     held = load(model_dir, old, 1)
     reused = load(model_dir, new, 1, reuse=(old.ranks[1], held))
     for before, after in zip(held.layers, reused.layers, strict=True):
-        assert after.wq is before.wq and after.wo is before.wo  # attention untouched: the same tensors
-        assert after.wdown.shape[1] == before.wdown.shape[1] + 7
-        assert after.wdown.data_ptr() != before.wdown.data_ptr()  # the old shard stays intact until the switch
+        assert after.q.weight is before.q.weight and after.o.weight is before.o.weight  # attention untouched: the same tensors
+        assert after.down.weight.shape[1] == before.down.weight.shape[1] + 7
+        assert after.down.weight.data_ptr() != before.down.weight.data_ptr()  # the old shard stays intact until the switch
     assert all(torch.equal(x, y) for x, y in zip(load(model_dir, new, 1).tensors(), reused.tensors(), strict=True))
 
 
@@ -89,6 +89,6 @@ def test_only_gained_slices_are_read(tiny_models):
         held = load(model_dir, old, rank)
         with SliceReader(model_dir) as r:
             reader = ReusingReader(r, held_by_layer(cfg, old.ranks[rank], held.layers[0], 0))
-            load_layer(reader, cfg, new.ranks[rank], 0, lambda t: t)
+            load_layer(reader, cfg, new.ranks[rank], 0, Maker(cfg, new.ranks[rank], "fp32", torch.float32, torch.device("cpu")))
         assert reader.bytes_read == expected
     assert layer_bytes(new.ranks[1]) > layer_bytes(old.ranks[1])  # the move did give rank 1 something
