@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import psutil
 import uvicorn
@@ -20,16 +21,17 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import llmd
+from llmd.engine import quant
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import LlmdError
 from llmd.engine.partition import load_plan
-from llmd.engine.worker import RankSpec
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
 from .guard import PlainJSON, SignedApi, bound_socket, error, plain_errors, server_config
 from .net import engine_env, worker_failure
+from .options import EngineOptions
 from .rendezvous import rendezvous_url, worker_command
 from .security import Verifier, receiver_name
 
@@ -53,9 +55,15 @@ class LaunchRequest(Strict):
     model: str = Field(min_length=1, max_length=4096)
     plan: dict
     ranks: list[RankAssignment] = Field(min_length=1, max_length=64)
+    # The launch's engine options, whole (app/options.py `EngineOptions.wire`).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weights: Literal["fp32", "bf16", "fp16", "int8", "int4"] = "fp32"
     context: int = Field(ge=2, le=1 << 20)
+    slots: int = Field(default=1, ge=1, le=1024)
     timeout_s: float = Field(gt=0, le=3600)
     compile: bool = False
+    reshardable: bool = False
+    slowdown: list[tuple[int, float, int]] = Field(default_factory=list, max_length=4096)
 
     @field_validator("master_addr")
     @classmethod
@@ -66,6 +74,12 @@ class LaunchRequest(Strict):
 
 class StopRequest(Strict):
     launch_id: str = Field(min_length=1, max_length=64)
+
+
+def launch_options(req: LaunchRequest) -> EngineOptions:
+    wire = req.model_dump(exclude={"launch_id", "master_addr", "master_port", "model", "ranks"})
+    slowdown = tuple(tuple(s) for s in wire.pop("slowdown"))
+    return EngineOptions(**wire, slowdown=slowdown)
 
 
 def agent_model(name: str) -> Path:
@@ -123,6 +137,7 @@ class AgentState:
         """Start the request's ranks, once the whole request is known to be good: a refused launch
         leaves nothing running."""
         model_dir = self.check(req)
+        options = launch_options(req)
         cpu_workers = sum(1 for r in req.ranks if r.device == "cpu")
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
         # The workers prove themselves to the rendezvous with the pool secret, which never crosses the wire.
@@ -134,9 +149,7 @@ class AgentState:
                 raise LaunchRefused(f"launch {req.launch_id} was started here already")
             try:
                 for r in req.ranks:
-                    spec = RankSpec(model_dir=str(model_dir), plan=req.plan, rank=r.rank, device=r.device,
-                                    context=req.context, threads=threads, timeout_s=req.timeout_s,
-                                    compile=req.compile)
+                    spec = options.rank_spec(str(model_dir), r.rank, threads, device=r.device)
                     log = self.logdir / f"{req.launch_id}-rank{r.rank}.log"
                     cmd = worker_command(spec, rendezvous_url(req.master_addr, req.master_port), req.launch_id)
                     with open(log, "w") as f:
@@ -163,13 +176,18 @@ class AgentState:
         model_dir = agent_model(req.model)
         try:
             cfg = ModelConfig.from_hf(load_hf_config(model_dir))
-            plan = load_plan(json.dumps(req.plan), cfg, source="the launch's plan")
+            plan = load_plan(json.dumps(req.plan), cfg, source="the launch's plan",
+                             column_unit=quant.column_unit(cfg, req.weights))
         except (LlmdError, ValueError, TypeError, KeyError, RecursionError) as e:
             raise LaunchRefused(str(e)) from None
         if not all(0 < r < plan.world_size for r in ranks):
             raise LaunchRefused(f"ranks {ranks} are not all within 1..{plan.world_size - 1}")
         if req.context > cfg.max_positions:
             raise LaunchRefused(f"context {req.context} is over the model's {cfg.max_positions} positions")
+        for rank, factor, step in req.slowdown:
+            if not (0 <= rank < plan.world_size and 1 <= factor <= 100 and step >= 0):
+                raise LaunchRefused(f"slowdown {[rank, factor, step]} needs a rank of the plan, a factor "
+                                    "from 1 to 100 and a step >= 0")
         return model_dir
 
     def stop(self, launch_id: str | None = None) -> int:

@@ -12,6 +12,7 @@ from llmd.engine.worker import RankSpec
 from .client import AgentClient, AgentRefused, AgentUnreachable
 from .discovery import Browser, Peer, open_zeroconf
 from .launch import Cluster
+from .options import EngineOptions
 
 HEARTBEAT_S = 1.0
 LOST_AFTER_S = 3.0
@@ -141,8 +142,7 @@ class RemoteCluster(Cluster):
             rank += len(devices)
             client.post("/v1/launch", {
                 "launch_id": self.launch_id, "master_addr": address, "master_port": port, "model": self.model,
-                "plan": self.spec.plan, "ranks": ranks, "context": self.spec.context,
-                "timeout_s": self.spec.timeout_s, "compile": self.spec.compile,
+                "ranks": ranks, **EngineOptions.of(self.spec).wire(),
             }, timeout_s=max(120.0, self.spec.timeout_s))
             self._launched.append(client)
 

@@ -15,7 +15,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -26,6 +25,8 @@ from llmd.engine.comm import JOINING
 from llmd.engine.errors import WorkerLost
 from llmd.engine.runtime import Driver
 from llmd.engine.worker import RankSpec, build_model, connect, load_rank, ready_key
+
+from .options import EngineOptions
 
 from .net import engine_env, worker_failure
 from .rendezvous import KEY_ENV, rendezvous_url, worker_command
@@ -196,7 +197,8 @@ class LocalCluster(Cluster):
 
     def _rank_spec(self, rank: int) -> RankSpec:
         path, fds = self._stage_shm.get(rank, (None, None))
-        return replace(self.spec, rank=rank, shm_path=path, wake_fds=fds)
+        return EngineOptions.of(self.spec).rank_spec(self.spec.model_dir, rank, self.spec.threads,
+                                                     shm_path=path, wake_fds=fds)
 
     def _spawn(self, spec: RankSpec, url: str) -> None:
         log = Path(self._logdir.name) / f"rank{spec.rank}.log"

@@ -39,6 +39,7 @@ class BalancerConfig:
     patience: int = 16  # steps an imbalance must persist (the same ranks slow) before a move
     max_groups: int = 1  # KV groups moved per event
     max_fraction: float = 0.5  # of a stage's MLP columns (and vocabulary rows) moved per event
+    column_unit: int = 1  # MLP columns move in multiples of it (whole int4 groups)
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
@@ -180,7 +181,9 @@ def shifted_shards(plan: Plan, cfg: ModelConfig, index: int, target: list[float]
     stage = plan.stages[index]
     old = [plan.ranks[r] for r in stage.ranks]
     heads = move_heads(old, cfg, slow, fast, target, bc.max_groups, plan.kv_replicated)
-    cols = bounded_counts([s.num_mlp_columns for s in old], target, cfg.intermediate_size, bc.max_fraction)
+    u = bc.column_unit  # columns move in whole int4 groups
+    cols = [c * u for c in bounded_counts([s.num_mlp_columns // u for s in old], target, cfg.intermediate_size // u,
+                                          bc.max_fraction)]
     rows = bounded_counts([s.num_vocab_rows for s in old], target, cfg.vocab_size, bc.max_fraction)
     return [replace(s, q_heads=q, kv_heads=kv, mlp_columns=c, vocab_rows=v)
             for s, (q, kv), c, v in zip(old, heads, contiguous_ranges(cols), contiguous_ranges(rows))]

@@ -496,7 +496,7 @@ def plan_partition(
 # ---------------------------------------------------------------- plan files
 
 
-def load_plan(text: str, cfg: ModelConfig, source: str = "the plan") -> Plan:
+def load_plan(text: str, cfg: ModelConfig, source: str = "the plan", column_unit: int = 1) -> Plan:
     """The engine plan in a JSON text: `llmd plan --json` output (a Partition), `llmd generate --json`
     output (its "plan"), or a bare Plan; checked against the model before any process starts."""
     try:
@@ -508,7 +508,7 @@ def load_plan(text: str, cfg: ModelConfig, source: str = "the plan") -> Plan:
             plan = partition.engine_plan()
         else:
             plan = Plan.from_dict(d["plan"] if "plan" in d and "ranks" not in d else d)
-        check_plan(plan, cfg)
+        check_plan(plan, cfg, column_unit)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
         raise BadPlan(f"{source} is not a plan from `llmd plan --json` ({type(e).__name__}: {e})") from None
     return plan

@@ -141,7 +141,8 @@ def contiguous_ranges(counts: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def make_plan(cfg: ModelConfig, shares: list[float]) -> Plan:
+def make_plan(cfg: ModelConfig, shares: list[float], column_unit: int = 1) -> Plan:
+    """`column_unit`: MLP columns go to ranks in multiples of it (whole int4 groups, engine/quant.py)."""
     n = len(shares)
     if n > cfg.num_heads:
         raise BadPlan(f"{n} workers but the model has only {cfg.num_heads} query heads; use at most {cfg.num_heads}")
@@ -155,7 +156,7 @@ def make_plan(cfg: ModelConfig, shares: list[float]) -> Plan:
         kv_heads = [list(range(a, b)) for a, b in kv_ranges]
         g = cfg.group_size
         q_heads = [list(range(a * g, b * g)) for a, b in kv_ranges]
-    mlp = contiguous_ranges(mlp_counts(cfg, q_heads, kv_heads, shares))
+    mlp = contiguous_ranges(mlp_counts(cfg, q_heads, kv_heads, shares, column_unit))
     vocab = contiguous_ranges(apportion(cfg.vocab_size, shares))
     ranks = [RankShard(r, kv_heads[r], q_heads[r], mlp[r], vocab[r]) for r in range(n)]
     stages = [StageSpan((0, cfg.num_layers), list(range(n)))]
@@ -167,7 +168,8 @@ def attention_params(cfg: ModelConfig, q_heads: list[int], kv_heads: list[int]) 
     return (len(q_heads) + 2 * len(kv_heads)) * cfg.head_dim * cfg.hidden_size + cfg.hidden_size * len(q_heads) * cfg.head_dim
 
 
-def mlp_counts(cfg: ModelConfig, q_heads: list[list[int]], kv_heads: list[list[int]], shares: list[float]) -> list[int]:
+def mlp_counts(cfg: ModelConfig, q_heads: list[list[int]], kv_heads: list[list[int]], shares: list[float],
+               unit: int = 1) -> list[int]:
     """MLP columns per rank so that each rank's layer weights (heads plus columns) follow its share: heads
     come in coarse units (9 heads over 2 ranks is 6 + 3), and the fine column split evens that out.
     Decode reads every weight once per token, so equal bytes per unit of speed is equal time."""
@@ -175,31 +177,32 @@ def mlp_counts(cfg: ModelConfig, q_heads: list[list[int]], kv_heads: list[list[i
     attention = [attention_params(cfg, q, kv) for q, kv in zip(q_heads, kv_heads)]
     total = sum(attention) + cfg.intermediate_size * per_column
     ideal = [max(s / sum(shares) * total - a, per_column) for s, a in zip(shares, attention)]
-    return apportion(cfg.intermediate_size, ideal)
+    return [c * unit for c in apportion(cfg.intermediate_size // unit, ideal)]
 
 
-def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int) -> Plan:
+def make_pipeline_plan(cfg: ModelConfig, shares: list[float], num_stages: int, column_unit: int = 1) -> Plan:
     """Ranks in `num_stages` contiguous stages (as even as can be); layers split by each stage's
     total share; head-shard inside each stage by the ranks' own shares."""
     n = len(shares)
     if not 1 <= num_stages <= min(n, cfg.num_layers):
         raise BadPlan(f"--stages must be between 1 and {min(n, cfg.num_layers)} for {n} workers")
     if num_stages == 1:
-        return make_plan(cfg, shares)
+        return make_plan(cfg, shares, column_unit)
     rank_ranges = contiguous_ranges(apportion(n, [1.0] * num_stages))
     layer_ranges = contiguous_ranges(apportion(cfg.num_layers, [sum(shares[a:b]) for a, b in rank_ranges]))
     ranks, stages, replicated = [], [], False
     for index, ((a, b), layers) in enumerate(zip(rank_ranges, layer_ranges, strict=True)):
-        local = make_plan(cfg, shares[a:b])
+        local = make_plan(cfg, shares[a:b], column_unit)
         replicated |= local.kv_replicated
         ranks += [replace(r, rank=a + r.rank, stage=index) for r in local.ranks]
         stages.append(StageSpan(layers, list(range(a, b))))
     return Plan(shares=list(shares), ranks=ranks, stages=stages, kv_replicated=replicated)
 
 
-def check_plan(plan: Plan, cfg: ModelConfig) -> None:
+def check_plan(plan: Plan, cfg: ModelConfig, column_unit: int = 1) -> None:
     """Raise BadPlan unless `plan` covers this model exactly: every layer in one stage, and inside each
-    stage every query head, MLP column and vocabulary row on exactly one rank, with the KV heads they read."""
+    stage every query head, MLP column and vocabulary row on exactly one rank, with the KV heads they read;
+    MLP columns cut at multiples of `column_unit` (whole int4 groups)."""
     check_types(plan)
     n = plan.world_size
     if [r.rank for r in plan.ranks] != list(range(n)):
@@ -213,6 +216,10 @@ def check_plan(plan: Plan, cfg: ModelConfig) -> None:
         if any(s.stage != index for s in shards):
             raise BadPlan(f"stage {index} lists a rank that names another stage")
         check_stage_shards(shards, cfg, index)
+    cuts = [c for r in plan.ranks for c in r.mlp_columns]
+    if any(c % column_unit for c in cuts):
+        raise BadPlan(f"MLP columns must be split at multiples of {column_unit} for these weights "
+                      f"(int4 groups of {column_unit}); the plan cuts at {sorted(set(cuts))}")
 
 
 def check_types(plan: Plan) -> None:

@@ -32,6 +32,7 @@ class RankSpec:
     rank: int
     device: str = "cpu"
     dtype: str = "float32"
+    weights: str = "fp32"  # fp32, bf16, fp16, or int8 / int4 quantised at load (engine/quant.py)
     context: int = 2048
     slots: int = 1
     threads: int = 1
@@ -70,7 +71,7 @@ def load_rank(spec: RankSpec):
     cfg = ModelConfig.from_hf(hf_config)
     plan = Plan.from_dict(spec.plan)
     device, dtype = device_of(spec), DTYPES[spec.dtype]
-    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device)
+    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights)
     return cfg, hf_config, plan, weights, device, dtype
 
 
@@ -80,7 +81,7 @@ def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
                          compiled=spec.compile, slowdown=spec.slowdown_of(spec.rank), reshardable=spec.reshardable)
     # The balancer's new shards come from this rank's own slices of the local checkpoint.
     model.load = lambda new_plan, after_layer=None, reuse=None: load_shard(
-        Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse)
+        Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse, spec.weights)
     return model
 
 
