@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmd.engine import quant
 from llmd.engine.balancer import BalancerConfig
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
@@ -18,15 +19,25 @@ from llmd.engine.memory import rank_bytes
 from llmd.engine.partition import describe, load_plan, parse_device, parse_link, plan_partition
 from llmd.engine.presets import PRESETS, preset
 from llmd.engine.runtime import check_prompt
-from llmd.engine.plan import Plan, make_pipeline_plan, parse_shares
+from llmd.engine.plan import Plan, check_plan, make_pipeline_plan, parse_shares
+from llmd.engine.quant import PRECISIONS
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
 
 from .host import Host, NoAgents, RemoteCluster
 from .launch import Cluster, LocalCluster
 from .net import primary_address
+from .options import EngineOptions
 from .security import load_or_create_secret, read_secret
 from .text import TextModel
+
+
+# The precision `--weights auto` runs, per device: the fastest within the quality bounds (README, bench/quant.py).
+AUTO_WEIGHTS = {"cpu": "fp32", "cuda": "bf16"}
+
+
+def torch_itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +48,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="pipeline stages: ranks in this many contiguous groups, layers split between them")
     p.add_argument("--plan", metavar="FILE", help="run this plan: `llmd plan --json` output (or a plan from --json)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--weights", choices=["auto", *PRECISIONS], default="auto",
+                   help=f"weight precision; int8 and int4 are quantised per slice as they load "
+                        f"(auto: {AUTO_WEIGHTS['cpu']} on CPU, {AUTO_WEIGHTS['cuda']} on CUDA)")
     p.add_argument("--context", type=int, help="KV cache length in tokens (default min(2048, the model's))")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores / workers)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any rank may wait for another (default 120)")
@@ -153,11 +167,15 @@ def parse_slowdown(specs: list[str], world_size: int) -> list[list[float]]:
     return out
 
 
-def balancer_config(args) -> BalancerConfig | None:
+def balancer_config(args, column_unit: int = 1) -> BalancerConfig | None:
     if args.balance == "off":
         return None
     return BalancerConfig(threshold=args.balance_threshold, check_every=args.balance_every,
-                          max_groups=args.balance_max_groups)
+                          max_groups=args.balance_max_groups, column_unit=column_unit)
+
+
+def chosen_weights(args) -> str:
+    return AUTO_WEIGHTS[args.device] if args.weights == "auto" else args.weights
 
 
 def prepare(args, world_size: int | None = None) -> Setup:
@@ -180,18 +198,24 @@ def prepare(args, world_size: int | None = None) -> Setup:
 
         if not torch.cuda.is_available():
             raise LlmdError("--device cuda but no CUDA GPU is visible to torch")
-    plan = plan or make_pipeline_plan(cfg, parse_shares(args.shares, world_size), args.stages)
+    weights = chosen_weights(args)
+    unit = quant.column_unit(cfg, weights)
+    if plan:
+        check_plan(plan, cfg, unit)
+    plan = plan or make_pipeline_plan(cfg, parse_shares(args.shares, world_size), args.stages, unit)
     limit = min(cfg.max_positions, cfg.sliding_window or cfg.max_positions)
     context = args.context or min(2048, limit)
     if not 1 < context <= limit:
         raise LlmdError(f"--context must be between 2 and {limit} for this model")
     local_ranks = 1 if getattr(args, "agents", None) else world_size  # with agents, only rank 0 runs here
     threads = args.threads or max(1, (os.cpu_count() or 1) // local_ranks)
-    balancer = balancer_config(args)
-    spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, device=args.device,
-                    context=context, threads=threads, timeout_s=args.timeout,
-                    compile=want_compile(args), reshardable=balancer is not None,
-                    slowdown=parse_slowdown(args.slowdown, world_size))
+    balancer = balancer_config(args, unit)
+    dtype = str(quant.activation_dtype(weights, args.device)).removeprefix("torch.")
+    options = EngineOptions(plan=plan.to_dict(), device=args.device, dtype=dtype, weights=weights,
+                            context=context, timeout_s=args.timeout,
+                            compile=want_compile(args), reshardable=balancer is not None,
+                            slowdown=tuple(tuple(s) for s in parse_slowdown(args.slowdown, world_size)))
+    spec = options.rank_spec(str(model_dir), rank=0, threads=threads)
     return Setup(spec, world_size, TextModel.load(model_dir), balancer)
 
 
@@ -256,7 +280,8 @@ def check_fit(setup: Setup, remote_devices: list[tuple[str, str, int]]) -> None:
     plan = Plan.from_dict(setup.spec.plan)
     short = []
     for shard, (name, device, free_mb) in zip(plan.ranks[1:], remote_devices, strict=True):
-        need_mb = rank_bytes(cfg, plan, shard.rank, setup.spec.context, setup.spec.slots) / 2**20
+        need_mb = rank_bytes(cfg, plan, shard.rank, setup.spec.context, setup.spec.slots, setup.spec.weights,
+                             torch_itemsize(setup.spec.dtype)) / 2**20
         if need_mb > free_mb:
             short.append(f"{name} {device} has {free_mb} MB free, rank {shard.rank} needs {need_mb:.0f} MB")
     if short:

@@ -400,7 +400,7 @@ class Pool:
         cfg = ModelConfig.from_hf(load_hf_config(Path(engine.spec.model_dir)))
         names = {f"cuda:{i}": n for i, (n, _) in self._gpu_names.items()}
         planner = [planner_device(d.node, d.device, names.get(d.device, "")) for d in engine.devices]
-        precision = "fp32" if engine.spec.dtype == "float32" else "bf16"
+        precision = engine.spec.weights
         predicted = predict(cfg, planner, engine.spec.context, precision) if all(planner) else None
         plan = {**(plan or engine.spec.plan), "model": Path(engine.spec.model_dir).name, "num_layers": cfg.num_layers,
                 "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .quant import dequantise_int4
+from . import quant
 
 
 @dataclass(frozen=True)
@@ -46,22 +46,55 @@ class Dense:
                 torch._dynamo.mark_dynamic(t, d)
 
 
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """[..., in] -> [rows, in] contiguous bfloat16, as torch's packed CPU kernels take activations."""
+    return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
+def chunked(kernel, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """One row x [..., 1, in] through a bfloat16 kernel, its input cut in chunks whose outputs are summed
+    in float32: [..., 1, out].
+
+    A layer split by its inputs (o_proj by heads, down_proj by MLP columns) gives each rank a partial
+    sum, and a bfloat16 kernel rounds it: 2 ranks would round two halves where 1 rank rounds the whole.
+    Chunks that never straddle two ranks (a head, a block of columns) are rounded alike on every rank,
+    and only their float32 sum is added in another order, as with dense weights. The chunks go through
+    one kernel call as the rows of a block-diagonal matrix (row c holds chunk c, zeros elsewhere):
+    decode reads the weights once either way."""
+    inputs = x.shape[-1]
+    c = inputs // chunk
+    diag = torch.eye(c, dtype=torch.bfloat16, device=x.device)[:, :, None]
+    rows = (diag * x.reshape(-1, 1, c, chunk).to(torch.bfloat16)).reshape(-1, c, inputs)  # [B, c, in]
+    y = kernel(rows.reshape(-1, inputs).contiguous()).view(rows.shape[0], c, -1).float().sum(1)
+    return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class Int8:
-    """int8 weights [out, in] with a float32 scale per output row (engine/quant.py)."""
+    """int8 weights [out, in] with a bfloat16 scale per output row (engine/quant.py). `form` "cpu-bf16":
+    torch's packed CPU kernel on bfloat16 activations, except for several rows of a layer split by its
+    inputs (prefill of o_proj, down_proj), which dequantise into float32 like "dequant": a dequantising
+    multiply-sum, so the ranks' partial sums are float32."""
 
     weight: torch.Tensor
     scales: torch.Tensor
     bias: torch.Tensor | None = None
+    form: str = "dequant"
+    chunk: int | None = None  # split by its inputs: sum in chunks of this many (see `chunked`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # The row scale applies after the sum, the same on every rank, so partial sums stay exact.
-        w = self.weight.to(x.dtype)
-        if x.shape[-2] == 1 and torch.compiler.is_compiling():
-            y = (w * x.unsqueeze(-2)).sum(-1)  # fused: the int8 weights are read once, at a byte each
-        else:
-            y = F.linear(x, w)
-        y = y * self.scales.to(x.dtype)
+        kernel = lambda rows: torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        if self.form == "cpu-bf16" and self.chunk and x.shape[-2] == 1:
+            y = chunked(kernel, x, self.chunk)
+        elif self.form == "cpu-bf16" and not self.chunk:
+            y = kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
+        else:  # the row scale applies after the sum
+            w = self.weight.to(x.dtype)
+            if x.shape[-2] == 1 and torch.compiler.is_compiling():
+                y = (w * x.unsqueeze(-2)).sum(-1)  # fused: the int8 weights are read once, at a byte each
+            else:
+                y = F.linear(x, w)
+            y = y * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     @property
@@ -79,34 +112,66 @@ class Int8:
 
 @dataclass(frozen=True)
 class Int4:
-    """4-bit weights, two a byte [out, in / 2], with a bfloat16 scale and zero per group of inputs."""
+    """4-bit weights, two a byte, with a bfloat16 scale and zero per group of inputs; rows padded to a
+    multiple of 16, the padding cut from the output. `form` "cpu-bf16": `packed` is torch's CPU int4
+    layout, multiplied by its kernel on bfloat16 activations; "dequant": `packed` is quant.pack_nibbles'
+    layout, dequantised in a multiply-sum."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor  # [out, in / group]
-    zeros: torch.Tensor
+    packed: torch.Tensor  # [out (padded), in / 2] uint8
+    scales_zeros: torch.Tensor  # [in / group, out (padded), 2] bfloat16, as the kernels take them
+    rows: int
+    group: int
     bias: torch.Tensor | None = None
+    form: str = "dequant"
+    chunk: int | None = None  # split by its inputs: sum in chunks of this many (see `chunked`)
+
+    @classmethod
+    def build(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, form: str,
+              bias: torch.Tensor | None = None, chunk: int | None = None) -> "Int4":
+        """From quant.quantise_int4's values [out, in] and per-group scales and zeros [out, in / group]."""
+        rows, pad = q.shape[0], quant.padded_rows(q.shape[0]) - q.shape[0]
+        q, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (q, scales, zeros))
+        if form == "cpu-bf16":
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        else:
+            packed = quant.pack_nibbles(q, group)
+        scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        return cls(packed, scales_zeros, rows, group, bias, form, chunk)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantise_int4(self.packed, self.scales, self.zeros, x.dtype)
-        if x.shape[-2] == 1 and torch.compiler.is_compiling():
-            y = (w * x.unsqueeze(-2)).sum(-1)  # fused with the unpacking: half a byte read per weight
+        kernel = lambda rows: torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
+        if self.form == "cpu-bf16" and self.chunk and x.shape[-2] == 1:
+            y = chunked(kernel, x, self.chunk)
+        elif self.form == "cpu-bf16" and not self.chunk:
+            y = kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
         else:
-            y = F.linear(x, w)
+            w = self.dequantised(x.dtype)
+            if x.shape[-2] == 1 and torch.compiler.is_compiling():
+                y = (w * x.unsqueeze(-2)).sum(-1)  # fused with the unpacking: half a byte read per weight
+            else:
+                y = F.linear(x, w)
+        y = y[..., : self.rows]
         return y if self.bias is None else y + self.bias
+
+    def dequantised(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights [out (padded), in] in `dtype`. torch's CPU layout is read back through its own kernel
+        (an identity input: each output is one weight, exact in bfloat16's rounding), the same on every rank."""
+        if self.form == "cpu-bf16":
+            inputs = self.packed.shape[1] * 2
+            eye = torch.eye(inputs, dtype=torch.bfloat16, device=self.packed.device)
+            return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).T.to(dtype)
+        sz = self.scales_zeros.transpose(0, 1)  # [out, groups, 2]
+        return quant.dequantise_int4(self.packed, sz[..., 0], sz[..., 1], dtype)
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[0]
+        return self.rows
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.packed, self.scales, self.zeros, self.bias) if t is not None]
+        return [t for t in (self.packed, self.scales_zeros, self.bias) if t is not None]
 
     def mark_dynamic(self, dim: int) -> None:
-        """Rows may be symbolic; the packed input dimension stays static (a move of MLP columns recompiles)."""
-        if dim == 0:
-            for t in self.tensors():
-                if t.shape[0] > 1:
-                    torch._dynamo.mark_dynamic(t, 0)
+        """Kept static: a move that changes this layer's shape recompiles it (int4 layouts are blocked)."""
 
 
 Linear = Dense | Int8 | Int4

@@ -182,16 +182,26 @@ class Maker:
             return Dense(self.put(read_field(r, self.cfg, self.shard, f.weight, prefix)), bias)
         # Piece by piece (k then v, gate then up), so no more than one checkpoint tensor is held unquantised.
         parts = [self.quantised_piece(r, p, prefix) for p in f.weight]
-        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias)
+        chunk = None if f.dim != 1 else self.cfg.head_dim if f.weight[0].unit == sharding.Q else \
+            quant.column_unit(self.cfg, self.weights)
+        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias, chunk=chunk)
 
     def rows_linear(self, blocks: list[torch.Tensor]) -> Linear:
         """A row-split layer (the LM head) from its row blocks, each quantised as it comes."""
         parts = [self.quantise(b) for b in blocks]
-        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)))
+        # Dequantised in float32, not a bfloat16 kernel: logits rounded to bfloat16 would move a whole
+        # bfloat16 step (0.06 at a logit of 10) on the least difference in their input. Compiled, this
+        # multiply-sum runs the LM head as fast as the kernel does (bench/kernels.py).
+        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), form="dequant")
 
-    def kind(self, *tensors, bias=None) -> Linear:
-        tensors = [t.to(self.device) for t in tensors]
-        return (Int8 if self.weights == "int8" else Int4)(*tensors, bias=bias)
+    def kind(self, *tensors, bias=None, chunk: int | None = None, form: str | None = None) -> Linear:
+        form = form or quant.kernel_form(self.device)
+        if self.weights == "int8":
+            if tensors[0].shape[1] % quant.INT8_K_UNIT or (chunk and chunk % quant.INT8_K_UNIT):
+                form = "dequant"  # the kernel would be wrong here
+            weight, scales = tensors
+            return Int8(weight.to(self.device), scales.to(self.device), bias, form, chunk)
+        return Int4.build(*(t.to(self.device) for t in tensors), quant.group_size(self.cfg), form, bias, chunk)
 
     def quantised_piece(self, r: SliceReader, piece: sharding.Piece, prefix: str) -> tuple[torch.Tensor, ...]:
         if self.weights == "int8" and piece.dim == 1:

@@ -8,6 +8,9 @@ planner splits MLP columns in whole groups, and a head is whole groups), so agai
 slice equals the same slice of the whole quantised tensor.
 """
 
+from functools import cache
+from pathlib import Path
+
 import torch
 
 from .config import ModelConfig
@@ -16,7 +19,7 @@ from .errors import UnsupportedModel
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 QUANTISED = ("int8", "int4")
 DENSE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GROUP_SIZES = (64, 32)  # int4 group sizes tried, best first (bench/kernels.py: 64 measured fastest)
+GROUP_SIZES = (32, 64)  # int4 group sizes tried, best first (bench/quant.py measures both)
 
 
 def group_size(cfg: ModelConfig) -> int:
@@ -30,26 +33,36 @@ def group_size(cfg: ModelConfig) -> int:
                            "use --weights int8")
 
 
+INT8_K_UNIT = 16  # torch's packed int8 CPU kernel needs inputs in multiples of 16 (else wrong results)
+CHUNK = 64  # MLP columns per chunk of a quantised down projection (see layers.chunked)
+
+
 def column_unit(cfg: ModelConfig, weights: str) -> int:
-    """MLP columns come in whole int4 groups, so a group never straddles two ranks."""
-    return group_size(cfg) if weights == "int4" else 1
+    """MLP columns go to ranks in whole chunks of a quantised layer's input: whole int4 groups, so a
+    group never straddles two ranks, and whole chunks of the summation (layers.chunked)."""
+    if weights not in QUANTISED:
+        return 1
+    group = group_size(cfg) if weights == "int4" else INT8_K_UNIT
+    if cfg.intermediate_size % CHUNK == 0 and CHUNK % group == 0:
+        return CHUNK
+    return group if cfg.intermediate_size % group == 0 else 1
 
 
 def int8_scales(w: torch.Tensor) -> torch.Tensor:
-    """Per-row scales of a whole [out, in] tensor: [out] float32."""
-    return (w.float().abs().amax(dim=1) / 127).clamp(min=1e-10)
+    """Per-row scales of whole [out, in] rows: [out] bfloat16 (the kernels take them so)."""
+    return (w.float().abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)
 
 
 def quantise_int8(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """[out, in] -> int8 values with the given per-row scales (those of the whole rows)."""
-    return (w.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return (w.float() / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
 
 
 def quantise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[out, in] -> (packed uint8 [out, in / 2], scales [out, in / group] and zeros, both bfloat16).
+    """[out, in] -> (values q in 0..15 as uint8 [out, in], scales [out, in / group], zeros; bfloat16).
 
-    w ~ (q - 8) * scale + zero, q in 0..15; two values a byte, the even input index in the low nibble.
-    q is computed from the bfloat16-rounded scale and zero, the ones dequantisation uses."""
+    w ~ (q - 8) * scale + zero. q is computed from the bfloat16-rounded scale and zero, the ones
+    dequantisation uses. Packing two values a byte is the linear layer's (engine/layers.py)."""
     out, inp = w.shape
     groups = w.float().reshape(out, inp // group, group)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -57,26 +70,31 @@ def quantise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     zeros = (lo + 8 * scales.float()).to(torch.bfloat16)
     s, z = scales.float()[..., None], zeros.float()[..., None]
     q = ((groups - (z - 8 * s)) / s).round().clamp(0, 15).to(torch.uint8).reshape(out, inp)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+    return q, scales, zeros
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in / 2] -> the 4-bit values, [out, in] (as uint8)."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+def pack_nibbles(q: torch.Tensor, group: int) -> torch.Tensor:
+    """uint8 values [out, in] -> [out, in / 2]: in each group, byte j holds value j (low) and j + group/2
+    (high), a layout the compiler unpacks with two shifts instead of a gather."""
+    out, inp = q.shape
+    g = q.reshape(out, inp // group, 2, group // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(out, inp // 2)
 
 
 def dequantise_int4(packed, scales, zeros, dtype) -> torch.Tensor:
-    out = packed.shape[0]
-    q = unpack_int4(packed).reshape(out, scales.shape[1], -1).to(dtype)
+    """`pack_nibbles` layout back to [out, in] weights in `dtype`."""
+    out, groups = scales.shape
+    p = packed.reshape(out, groups, -1)
+    q = torch.cat([p & 15, p >> 4], dim=-1).to(dtype)  # [out, groups, group]
     return ((q - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).reshape(out, -1)
 
 
 def weight_bytes(weights: str, rows: int, cols: int, group: int = 32) -> int:
     """Bytes of one [rows, cols] linear weight held in this precision, its scales and zeros included."""
     if weights == "int8":
-        return rows * cols + 4 * rows  # int8 values, a float32 scale per row
-    if weights == "int4":
-        return rows * cols // 2 + 2 * 2 * rows * (cols // group)  # nibbles, a bfloat16 scale and zero per group
+        return rows * cols + 2 * rows  # int8 values, a bfloat16 scale per row
+    if weights == "int4":  # nibbles (rows padded to 16 for the CPU kernel), a bfloat16 scale and zero per group
+        return padded_rows(rows) * (cols // 2 + 2 * 2 * (cols // group))
     return rows * cols * DENSE_DTYPES[weights].itemsize
 
 
@@ -84,6 +102,29 @@ def bytes_per_param(weights: str, group: int = 32) -> float:
     """What the planner charges a weight in this precision, scales included (a large square weight)."""
     n = 4096
     return weight_bytes(weights, n, n, group) / (n * n)
+
+
+def padded_rows(rows: int) -> int:
+    """The CPU int4 kernel packs rows in blocks of 16: a layer's rows are padded to a multiple of 16."""
+    return -(-rows // 16) * 16
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): then torch's packed int8 and
+    int4 kernels with bfloat16 activations are 2-5x fp32 (bench/kernels.py); without, they are slower
+    than fp32 and the quantised layers dequantise in a compiled float32 multiply-sum instead."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def kernel_form(device: str) -> str:
+    """How quantised layers compute on this device: "cpu-bf16", torch's packed CPU kernels with
+    bfloat16 activations, or "dequant", a dequantising multiply-sum (compiled on the decode path)."""
+    return "cpu-bf16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "dequant"
 
 
 def activation_dtype(weights: str, device: str) -> torch.dtype:

@@ -1,0 +1,110 @@
+"""int8 and int4 weights: quantised per slice as they load, and sharding stays exact in structure.
+
+A rank's quantised slice is that slice of the whole quantised tensor (int8 scales are whole rows'; int4
+groups never straddle a shard boundary), so 1, 2 and 3 ranks, even or uneven, in one stage or two,
+generate the same greedy tokens and logits within 1e-3 of one rank's (the ranks' partial sums are
+added in another order, and on CPUs with bfloat16 kernels rounded to bfloat16 before they are added).
+"""
+
+import pytest
+import torch
+
+from conftest import llmd_here
+from llmd.engine import quant
+from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.memory import shard_weight_bytes
+from llmd.engine.model import load_shard
+from llmd.engine.plan import Plan, make_plan
+from reference import teacher_forced_logits
+
+CPU = torch.device("cpu")
+DECODE_STEPS = 8
+PROMPT = "The three primary colours of light are"
+
+
+@pytest.fixture(scope="module")
+def int4_model(tmp_path_factory, default_model_dir):
+    """A tiny Llama whose sizes int4 groups divide: head 32, hidden 128, MLP 256 (8 groups of 32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    out = tmp_path_factory.mktemp("int4-model")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def effective(layer, inputs: int) -> torch.Tensor:
+    """The weights a linear layer multiplies by, [out, in], read back through its own kernel."""
+    with torch.inference_mode():
+        return layer(torch.eye(inputs)[None]).float()[0].T
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_ranks_slice_is_that_slice_of_the_whole_quantised_tensor(int4_model, weights):
+    cfg = ModelConfig.from_hf(load_hf_config(int4_model))
+    unit = quant.column_unit(cfg, weights)
+    whole = load_shard(int4_model, cfg, make_plan(cfg, [1], unit), 0, torch.float32, CPU, weights=weights)
+    plan = make_plan(cfg, [3, 1], unit)
+    D, H = cfg.head_dim, cfg.hidden_size
+    for rank, shard in enumerate(plan.ranks):
+        part = load_shard(int4_model, cfg, plan, rank, torch.float32, CPU, weights=weights)
+        assert part.nbytes() == shard_weight_bytes(cfg, plan, rank, weights)
+        q_rows = torch.cat([torch.arange(h * D, (h + 1) * D) for h in shard.q_heads])
+        a, b = shard.mlp_columns
+        assert a % unit == 0 and b % unit == 0
+        for mine, full in zip(part.layers, whole.layers, strict=True):
+            # Row splits (q) and column splits (o, down: int8 scales of whole rows, int4 groups inside a shard).
+            assert torch.equal(effective(mine.q, H), effective(full.q, H)[q_rows])
+            assert torch.equal(effective(mine.o, len(q_rows)), effective(full.o, H)[:, q_rows])
+            assert torch.equal(effective(mine.down, b - a), effective(full.down, cfg.intermediate_size)[:, a:b])
+        v0, v1 = shard.vocab_rows
+        assert torch.equal(effective(part.lm_head, H), effective(whole.lm_head, H)[v0:v1])
+
+
+def tolerance(largest_logit: float) -> float:
+    """1e-3 where the ranks' partial sums are float32 throughout; with bfloat16 kernels (whose outputs
+    are rounded to bfloat16, 2**-8 of a value) a few bfloat16 steps of the largest logit."""
+    if quant.kernel_form("cpu") == "dequant":
+        return 1e-3
+    return 4 * 2**-8 * largest_logit
+
+
+def generate(model_dir, tmp_path, weights: str, *extra: str) -> tuple[dict, dict]:
+    dump = tmp_path / f"{weights}-{'-'.join(extra) or 'one'}.pt"
+    out = llmd_here("generate", "--model", str(model_dir), "--weights", weights, "--greedy", "--ignore-eos",
+                    "--max-new-tokens", str(DECODE_STEPS + 1), "--compile", "off", "--json",
+                    "--dump-logits", str(dump), *extra, PROMPT).json
+    return out, torch.load(dump)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_one_two_and_three_ranks_agree(int4_model, tmp_path, weights):
+    one, one_logits = generate(int4_model, tmp_path, weights)
+    cfg = ModelConfig.from_hf(load_hf_config(int4_model))
+    for extra in (["--workers", "2"], ["--workers", "3", "--shares", "2,3,1"], ["--workers", "2", "--stages", "2"]):
+        out, logits = generate(int4_model, tmp_path, weights, *extra)
+        assert out["token_ids"] == one["token_ids"], extra
+        for phase in ("prefill", "decode"):
+            err = (logits[phase] - one_logits[phase]).abs().max().item()
+            scale = one_logits[phase].abs().max().item()
+            assert err < tolerance(scale), f"{extra}: {phase} logits differ from one rank's by {err}"
+        plan = Plan.from_dict(out["plan"])
+        for rank, mb in enumerate(out["weights_mb_per_rank"]):
+            assert mb == pytest.approx(shard_weight_bytes(cfg, plan, rank, weights) / 2**20, abs=0.1)
+    # Quantised, not broken: close to the fp32 model's own logits on the same tokens.
+    ref = teacher_forced_logits(int4_model, one["prompt_token_ids"] + one["token_ids"])
+    n = len(one["prompt_token_ids"])
+    err = (one_logits["prefill"] - ref[:n]).abs().max().item()
+    bound = {"int8": 0.02, "int4": 0.2}[weights] * ref.abs().max().item()
+    assert err < bound, f"{weights} prefill logits are {err} off fp32's (bound {bound})"
+
+
+def test_int4_refuses_a_model_its_groups_do_not_divide(tiny_models):
+    out = llmd_here("generate", "--model", str(tiny_models["llama-gqa"]), "--weights", "int4", "hello")
+    assert out.returncode != 0 and "int4 weights need" in out.stderr
