@@ -11,11 +11,13 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,57 +124,107 @@ def weight_files(model_dir: Path) -> dict[str, str]:
     return where
 
 
-def safetensors_names(file: Path) -> list[str]:
-    """The tensor names in a safetensors file's header (8-byte little-endian length, then JSON)."""
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's header (8-byte little-endian length, then JSON) and where its data starts."""
     with open(file, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return [name for name in header if name != "__metadata__"]
+        return json.loads(f.read(length)), 8 + length
+
+
+def safetensors_names(file: Path) -> list[str]:
+    return [name for name in safetensors_header(file)[0] if name != "__metadata__"]
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+COLUMN_BLOCK_BYTES = 1 << 22  # whole rows read at once while taking a column slice
+
+
+@dataclass(frozen=True)
+class Stored:
+    fd: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # in the file
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
 class SliceReader:
     """Reads row and column ranges of tensors across a directory's safetensors files, opening a
-    file on the first read of a tensor it holds: a rank never maps the files it needs nothing from.
-    One reader serves one thread."""
+    file on the first read of a tensor it holds: a rank never opens the files it needs nothing from.
+
+    Slices are read with plain file reads into fresh tensors, not through a memory map: a mapped
+    file's pages count as the process's own memory while mapped, so reading a shard through maps
+    would hold the checkpoint's pages as well as the slices. One reader serves one thread."""
 
     def __init__(self, model_dir: Path):
         self._dir = Path(model_dir)
-        self._stack = ExitStack()
         self._file_of = weight_files(model_dir)
-        self._handles: dict[str, object] = {}  # file name -> open safe_open handle, in opening order
+        self._files: dict[str, tuple[int, dict, int]] = {}  # file name -> (fd, header, data start)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._stack.close()
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files = {}
 
     @property
     def opened(self) -> list[str]:
         """The files opened so far, by name, in the order they were opened."""
-        return list(self._handles)
+        return list(self._files)
 
     def has(self, name: str) -> bool:
         return name in self._file_of
 
     def whole(self, name: str) -> torch.Tensor:
-        # A copy: a tensor read straight from the file would keep the whole file mapped.
-        return self._handle(name).get_tensor(name).clone()
+        t = self._stored(name)
+        return self._read(t.fd, t.offset, math.prod(t.shape) * t.dtype.itemsize).view(t.dtype).view(t.shape)
 
     def rows(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
         """Rows [a, b) for each range, concatenated; one contiguous read per range."""
-        s = self._handle(name).get_slice(name)
-        return torch.cat([s[a:b] for a, b in ranges], dim=0)
+        t = self._stored(name)
+        parts = [self._read(t.fd, t.offset + a * t.row_bytes, (b - a) * t.row_bytes).view(t.dtype)
+                 .view(b - a, *t.shape[1:]) for a, b in ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def cols(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        s = self._handle(name).get_slice(name)
-        return torch.cat([s[:, a:b] for a, b in ranges], dim=1)
+        """Columns [a, b) of a 2-D tensor for each range, concatenated; read in blocks of whole rows."""
+        t = self._stored(name)
+        rows, width = t.shape
+        out = torch.empty(rows, sum(b - a for a, b in ranges), dtype=t.dtype)
+        step = max(1, COLUMN_BLOCK_BYTES // t.row_bytes)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            block = self._read(t.fd, t.offset + start * t.row_bytes, (end - start) * t.row_bytes)
+            block = block.view(t.dtype).view(end - start, width)
+            out[start:end] = torch.cat([block[:, a:b] for a, b in ranges], dim=1)
+        return out
 
-    def _handle(self, name: str):
+    def _stored(self, name: str) -> Stored:
         file = self._file_of[name]  # KeyError for a name no file holds, as before
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(self._dir / file, framework="pt"))
-        return self._handles[file]
+        if file not in self._files:
+            header, start = safetensors_header(self._dir / file)
+            self._files[file] = (os.open(self._dir / file, os.O_RDONLY), header, start)
+        fd, header, start = self._files[file]
+        entry = header[name]
+        return Stored(fd, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), start + entry["data_offsets"][0])
+
+    @staticmethod
+    def _read(fd: int, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"the checkpoint ends early: {nbytes - done} bytes short at offset {offset + done}")
+            done += n
+        return buf
 
 
 def runs(ids: list[int], width: int = 1) -> list[tuple[int, int]]:

@@ -110,6 +110,9 @@ class Int8:
                 torch._dynamo.mark_dynamic(t, d)
 
 
+DEQUANT_ROWS = 4096  # rows of a layer dequantised at once outside the compiled decode step
+
+
 @dataclass(frozen=True)
 class Int4:
     """4-bit weights, two a byte, with a bfloat16 scale and zero per group of inputs; rows padded to a
@@ -144,24 +147,25 @@ class Int4:
             y = chunked(kernel, x, self.chunk)
         elif self.form == "cpu-bf16" and not self.chunk:
             y = kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
-        else:
-            w = self.dequantised(x.dtype)
-            if x.shape[-2] == 1 and torch.compiler.is_compiling():
-                y = (w * x.unsqueeze(-2)).sum(-1)  # fused with the unpacking: half a byte read per weight
-            else:
-                y = F.linear(x, w)
+        elif x.shape[-2] == 1 and torch.compiler.is_compiling():
+            y = (self.dequantised(x.dtype) * x.unsqueeze(-2)).sum(-1)  # fused with the unpacking: half a byte a weight
+        elif self.form == "cpu-bf16":
+            y = F.linear(x, self.dequantised(x.dtype))
+        else:  # block by block of rows, so a large layer (the LM head) never exists whole in float32
+            y = torch.cat([F.linear(x, self.dequantised(x.dtype, a, a + DEQUANT_ROWS))
+                           for a in range(0, self.packed.shape[0], DEQUANT_ROWS)], dim=-1)
         y = y[..., : self.rows]
         return y if self.bias is None else y + self.bias
 
-    def dequantised(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantised(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The weights [out (padded), in] in `dtype`. torch's CPU layout is read back through its own kernel
         (an identity input: each output is one weight, exact in bfloat16's rounding), the same on every rank."""
         if self.form == "cpu-bf16":
             inputs = self.packed.shape[1] * 2
             eye = torch.eye(inputs, dtype=torch.bfloat16, device=self.packed.device)
             return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).T.to(dtype)
-        sz = self.scales_zeros.transpose(0, 1)  # [out, groups, 2]
-        return quant.dequantise_int4(self.packed, sz[..., 0], sz[..., 1], dtype)
+        sz = self.scales_zeros.transpose(0, 1)[start:end]  # [out, groups, 2]
+        return quant.dequantise_int4(self.packed[start:end], sz[..., 0], sz[..., 1], dtype)
 
     @property
     def out_features(self) -> int:

@@ -125,8 +125,8 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
         lm_head = None
         if last and weights in QUANTISED:  # quantised block by block; a tied embedding stays dense
             name = sharding.EMBED.name if tied else sharding.LM_HEAD.name
-            lm_head = make.rows_linear([r.rows(name, [(a, min(a + VOCAB_BLOCK, shard.vocab_rows[1]))])
-                                        for a in range(*shard.vocab_rows, VOCAB_BLOCK)])
+            lm_head = make.rows_linear(r.rows(name, [(a, min(a + VOCAB_BLOCK, shard.vocab_rows[1]))])
+                                       for a in range(*shard.vocab_rows, VOCAB_BLOCK))  # read as quantised
         elif last:
             lm_head = Dense(embed if tied else vocab(r, sharding.LM_HEAD.name))
         final_norm = put(r.whole(sharding.FINAL_NORM.name)) if last else None
@@ -186,7 +186,7 @@ class Maker:
             quant.column_unit(self.cfg, self.weights)
         return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias, chunk=chunk)
 
-    def rows_linear(self, blocks: list[torch.Tensor]) -> Linear:
+    def rows_linear(self, blocks) -> Linear:
         """A row-split layer (the LM head) from its row blocks, each quantised as it comes."""
         parts = [self.quantise(b) for b in blocks]
         # Dequantised in float32, not a bfloat16 kernel: logits rounded to bfloat16 would move a whole
@@ -395,6 +395,7 @@ class ShardedModel:
         self.reshardable = compiled and reshardable
         self.clock = StepClock(slowdown)
         self.filled = [0] * slots  # positions written per KV slot
+        self.loaded_peak_mb = 0.0  # peak RSS when the slices had loaded, set by the worker
         self.load = None  # plan -> this rank's ShardWeights, set by the worker; the balancer reloads with it
         shape = (slots, len(plan.ranks[rank].kv_heads), context, cfg.head_dim)
         caches = ([torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers],

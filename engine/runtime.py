@@ -23,15 +23,25 @@ from .sampling import SamplingParams, sample
 
 OP_FORWARD, OP_STATS, OP_CLEAR, OP_TIMES, OP_PREPARE, OP_SWITCH, OP_ABORT, OP_SHUTDOWN = 1, 2, 3, 4, 5, 6, 7, 9
 FLAG_ALL_LOGITS, FLAG_UNCOUNTED = 1, 2  # OP_FORWARD's flags: every position's logits; not a timed step
+STATS_FIELDS = 3  # per rank: peak RSS MiB, weights MiB, peak RSS MiB when its slices had loaded
 TIMES_FIELDS = 6  # per rank: window median ms and its steps, last-32 mean ms, migration status, KV bytes sent, steps
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory: the kernel's high-water mark (VmHWM), which starts afresh at
+    exec, where ru_maxrss can carry the parent's peak into a child."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def rank_stats(model: ShardedModel) -> torch.Tensor:
-    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20], dtype=torch.float64, device=model.device)
+    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20, model.loaded_peak_mb], dtype=torch.float64,
+                        device=model.device)
 
 
 class Rank:
@@ -53,7 +63,7 @@ class Rank:
             return model.forward(tokens, slots, starts, all_logits=bool(flags & FLAG_ALL_LOGITS),
                                  counted=not flags & FLAG_UNCOUNTED)
         if op == OP_STATS:
-            return model.comm.gather_to_driver(rank_stats(model), [2] * model.comm.world_size)
+            return model.comm.gather_to_driver(rank_stats(model), [STATS_FIELDS] * model.comm.world_size)
         if op == OP_CLEAR:
             model.clear_slot(B)
             if self.migration:
@@ -196,9 +206,9 @@ class Driver:
         self.clear_slot(slot)
 
     def stats(self) -> list[dict]:
-        table = self._step(OP_STATS, 0, 0, 0, []).view(-1, 2).cpu()
-        return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1)}
-                for r, (a, b) in enumerate(table.tolist())]
+        table = self._step(OP_STATS, 0, 0, 0, []).view(-1, STATS_FIELDS).cpu()
+        return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1),
+                 "loaded_peak_rss_mb": round(float(c), 1)} for r, (a, b, c) in enumerate(table.tolist())]
 
     def times(self, reset_sent: bool = True) -> list[RankTimes]:
         """Every rank's compute times (without collective waits) and migration state; `reset_sent`

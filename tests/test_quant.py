@@ -9,7 +9,7 @@ added in another order, and on CPUs with bfloat16 kernels rounded to bfloat16 be
 import pytest
 import torch
 
-from conftest import llmd_here
+from conftest import llmd, llmd_here
 from llmd.engine import quant
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.memory import shard_weight_bytes
@@ -108,3 +108,35 @@ def test_one_two_and_three_ranks_agree(int4_model, tmp_path, weights):
 def test_int4_refuses_a_model_its_groups_do_not_divide(tiny_models):
     out = llmd_here("generate", "--model", str(tiny_models["llama-gqa"]), "--weights", "int4", "hello")
     assert out.returncode != 0 and "int4 weights need" in out.stderr
+
+
+def test_int4_ranks_load_from_many_files_within_their_slice_plus_one_tensor(default_model_dir, tmp_path):
+    """A rank never holds the full-precision model, nor its own full-precision shard: its peak memory
+    is its int4 slice, at most the largest single fp32 tensor read at once, and a fixed overhead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=128, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path, max_shard_size="150MB")
+    tokenizer.save_pretrained(tmp_path)
+    largest_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20  # the embedding: 192 MiB
+    whole_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    del model
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    out = llmd("generate", "--model", str(tmp_path), "--weights", "int4", "--workers", "2", "--greedy",
+               "--max-new-tokens", "2", "--compile", "off", "--json", "hello").json
+    peaks = out["loaded_peak_rss_mb_per_rank"]
+    for rank, (peak, weights) in enumerate(zip(peaks, out["weights_mb_per_rank"], strict=True)):
+        bound = weights + largest_mb + FIXED_OVERHEAD_MB
+        assert peak < bound, f"rank {rank}: peak {peak:.0f} MiB, its int4 slice {weights:.0f} MiB + {largest_mb:.0f} + fixed"
+        assert peak < whole_mb / 2 + FIXED_OVERHEAD_MB  # nor its full-precision share (770 MiB / 2) beside it
+
+
+# What a rank holds besides its weights when they have loaded: the interpreter with torch and transformers
+# imported (340 MiB for a worker; rank 0, the CLI's process, adds the tokenizer: 420) and the allocator's
+# slack from quantising one tensor after another (measured: worker 625 - 340 - 130 of weights = 155 MiB).
+FIXED_OVERHEAD_MB = 500
