@@ -323,6 +323,7 @@ def generate_on(args, setup: Setup, cluster: Cluster) -> int:
         "decode_tokens_per_s": round(gen.decode_tokens_per_s, 3),
         "peak_rss_mb_per_rank": [s["peak_rss_mb"] for s in stats],
         "loaded_peak_rss_mb_per_rank": [s["loaded_peak_rss_mb"] for s in stats],
+        "rss_before_load_mb_per_rank": [s["rss_before_load_mb"] for s in stats],
         "weights_mb_per_rank": [s["weights_mb"] for s in stats],
         "finish_reason": gen.finish_reason,
         "plan": setup.spec.plan,

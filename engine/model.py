@@ -395,7 +395,7 @@ class ShardedModel:
         self.reshardable = compiled and reshardable
         self.clock = StepClock(slowdown)
         self.filled = [0] * slots  # positions written per KV slot
-        self.loaded_peak_mb = 0.0  # peak RSS when the slices had loaded, set by the worker
+        self.load_memory_mb = (0.0, 0.0)  # RSS before loading and peak once loaded, set by the worker
         self.load = None  # plan -> this rank's ShardWeights, set by the worker; the balancer reloads with it
         shape = (slots, len(plan.ranks[rank].kv_heads), context, cfg.head_dim)
         caches = ([torch.zeros(shape, dtype=dtype, device=device) for _ in weights.layers],

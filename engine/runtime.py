@@ -23,7 +23,7 @@ from .sampling import SamplingParams, sample
 
 OP_FORWARD, OP_STATS, OP_CLEAR, OP_TIMES, OP_PREPARE, OP_SWITCH, OP_ABORT, OP_SHUTDOWN = 1, 2, 3, 4, 5, 6, 7, 9
 FLAG_ALL_LOGITS, FLAG_UNCOUNTED = 1, 2  # OP_FORWARD's flags: every position's logits; not a timed step
-STATS_FIELDS = 3  # per rank: peak RSS MiB, weights MiB, peak RSS MiB when its slices had loaded
+STATS_FIELDS = 4  # per rank: peak RSS MiB, weights MiB, peak RSS MiB once its slices had loaded, RSS before
 TIMES_FIELDS = 6  # per rank: window median ms and its steps, last-32 mean ms, migration status, KV bytes sent, steps
 
 
@@ -39,8 +39,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS), 0 where /proc is not there."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def rank_stats(model: ShardedModel) -> torch.Tensor:
-    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20, model.loaded_peak_mb], dtype=torch.float64,
+    before, peak = model.load_memory_mb
+    return torch.tensor([peak_rss_mb(), model.w.nbytes() / 2**20, peak, before], dtype=torch.float64,
                         device=model.device)
 
 
@@ -208,7 +220,8 @@ class Driver:
     def stats(self) -> list[dict]:
         table = self._step(OP_STATS, 0, 0, 0, []).view(-1, STATS_FIELDS).cpu()
         return [{"rank": r, "peak_rss_mb": round(float(a), 1), "weights_mb": round(float(b), 1),
-                 "loaded_peak_rss_mb": round(float(c), 1)} for r, (a, b, c) in enumerate(table.tolist())]
+                 "loaded_peak_rss_mb": round(float(c), 1), "rss_before_load_mb": round(float(d), 1)}
+                for r, (a, b, c, d) in enumerate(table.tolist())]
 
     def times(self, reset_sent: bool = True) -> list[RankTimes]:
         """Every rank's compute times (without collective waits) and migration state; `reset_sent`

@@ -20,7 +20,7 @@ from .comm import Group, Solo
 from .config import ModelConfig, load_hf_config
 from .model import ShardedModel, Slowdown, load_shard
 from .plan import Plan
-from .runtime import peak_rss_mb, serve
+from .runtime import peak_rss_mb, rss_mb, serve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,19 +67,20 @@ def ready_key(rank: int) -> str:
 def load_rank(spec: RankSpec):
     """Load this rank's slices; returns what `connect_rank` needs."""
     torch.set_num_threads(spec.threads)
+    before = rss_mb()
     hf_config = load_hf_config(Path(spec.model_dir))
     cfg = ModelConfig.from_hf(hf_config)
     plan = Plan.from_dict(spec.plan)
     device, dtype = device_of(spec), DTYPES[spec.dtype]
     weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights)
-    return cfg, hf_config, plan, weights, device, dtype, peak_rss_mb()
+    return cfg, hf_config, plan, weights, device, dtype, (before, peak_rss_mb())
 
 
 def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
-    cfg, hf_config, plan, weights, device, dtype, loaded_peak_mb = loaded
+    cfg, hf_config, plan, weights, device, dtype, load_memory_mb = loaded
     model = ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
                          compiled=spec.compile, slowdown=spec.slowdown_of(spec.rank), reshardable=spec.reshardable)
-    model.loaded_peak_mb = loaded_peak_mb
+    model.load_memory_mb = load_memory_mb
     # The balancer's new shards come from this rank's own slices of the local checkpoint.
     model.load = lambda new_plan, after_layer=None, reuse=None: load_shard(
         Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse, spec.weights)
