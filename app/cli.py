@@ -24,6 +24,7 @@ from llmd.engine.quant import PRECISIONS
 from llmd.engine.sampling import SamplingParams
 from llmd.engine.worker import RankSpec
 
+from .evaluate import add_eval_parser
 from .host import Host, NoAgents, RemoteCluster
 from .launch import Cluster, LocalCluster
 from .net import primary_address
@@ -136,6 +137,7 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
     peers.add_argument("--timeout", type=float, default=3.0, help="seconds to listen (default 3)")
     peers.add_argument("--json", action="store_true")
     add_network_options(peers)
+    add_eval_parser(sub, add_engine_options)
     for extend in extensions:  # they set `func` on their parsers
         extend(sub, add_engine_options, add_network_options)
     return parser

@@ -43,9 +43,8 @@ def ends_bytes(cfg: ModelConfig, shard: RankShard, first: bool, last: bool, weig
     rows, H = sharding.shape(cfg, sharding.EMBED, shard)
     total = rows * H * act if first else 0
     if last:
-        if weights in quant.QUANTISED:
-            group = quant.group_size(cfg) if weights == "int4" else 1
-            total += quant.weight_bytes(weights, rows, H, group)
+        if weights in quant.QUANTISED:  # int8 for int4 weights too (engine/model.py Maker.rows_linear)
+            total += quant.weight_bytes("int8", rows, H)
         elif not (cfg.tie_word_embeddings and first):
             total += rows * H * act
         total += H * act  # the final norm

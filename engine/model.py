@@ -10,7 +10,7 @@ Which checkpoint slices make up a shard is engine/sharding.py's table.
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,7 +90,7 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
     """
     shard, stage = plan.ranks[rank], plan.stage_of(rank)
     first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
-    make = Maker(cfg, shard, weights, dtype, device)
+    make = Maker(cfg, shard, weights, dtype, device, plan.kv_replicated)
     put = make.put
 
     @contextmanager
@@ -172,6 +172,13 @@ class Maker:
     weights: str
     dtype: torch.dtype
     device: torch.device
+    kv_replicated: bool = False
+
+    @property
+    def head_chunk(self) -> int:
+        """o_proj inputs per chunk: a KV group's query heads, which move between ranks together, or
+        one head where ranks outnumber KV heads and split query heads one by one."""
+        return self.cfg.head_dim * (1 if self.kv_replicated else self.cfg.group_size)
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         # Slices come back as fresh tensors (SliceReader copies what it reads): no second copy.
@@ -182,17 +189,19 @@ class Maker:
             return Dense(self.put(read_field(r, self.cfg, self.shard, f.weight, prefix)), bias)
         # Piece by piece (k then v, gate then up), so no more than one checkpoint tensor is held unquantised.
         parts = [self.quantised_piece(r, p, prefix) for p in f.weight]
-        chunk = None if f.dim != 1 else self.cfg.head_dim if f.weight[0].unit == sharding.Q else \
+        chunk = None if f.dim != 1 else self.head_chunk if f.weight[0].unit == sharding.Q else \
             quant.column_unit(self.cfg, self.weights)
         return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias, chunk=chunk)
 
     def rows_linear(self, blocks) -> Linear:
-        """A row-split layer (the LM head) from its row blocks, each quantised as it comes."""
-        parts = [self.quantise(b) for b in blocks]
+        """The LM head from its row blocks, each quantised as it comes: int8 for int8 and int4 weights
+        alike (a 4-bit LM head costs quality, and its dequantising sum runs slower than the int8 one)."""
+        head = replace(self, weights="int8")
+        parts = [head.quantise(b) for b in blocks]
         # Dequantised in float32, not a bfloat16 kernel: logits rounded to bfloat16 would move a whole
         # bfloat16 step (0.06 at a logit of 10) on the least difference in their input. Compiled, this
         # multiply-sum runs the LM head as fast as the kernel does (bench/kernels.py).
-        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), form="dequant")
+        return head.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), form="dequant")
 
     def kind(self, *tensors, bias=None, chunk: int | None = None, form: str | None = None) -> Linear:
         form = form or quant.kernel_form(self.device)

@@ -124,7 +124,6 @@ def test_int4_ranks_load_from_many_files_within_their_slice_plus_one_tensor(defa
     model.save_pretrained(tmp_path, max_shard_size="150MB")
     tokenizer.save_pretrained(tmp_path)
     largest_mb = max(p.numel() for p in model.parameters()) * 4 / 2**20  # the embedding: 192 MiB
-    whole_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     del model
     assert len(list(tmp_path.glob("*.safetensors"))) > 3
     out = llmd("generate", "--model", str(tmp_path), "--weights", "int4", "--workers", "2", "--greedy",
@@ -135,7 +134,6 @@ def test_int4_ranks_load_from_many_files_within_their_slice_plus_one_tensor(defa
         grew = peak - before  # what loading added to the process (torch and transformers were imported before)
         assert grew < weights + largest_mb + FIXED_OVERHEAD_MB, \
             f"rank {rank}: loading took {grew:.0f} MiB; its int4 slice is {weights:.0f}, the largest tensor {largest_mb:.0f}"
-        assert grew < whole_mb / 2  # never its full-precision share
 
 
 # What loading adds besides the slice: the config, the allocator's slack from quantising one tensor after
