@@ -22,7 +22,7 @@ from llmd.engine.runtime import check_prompt
 from llmd.engine.plan import Plan, check_plan, make_pipeline_plan, parse_shares
 from llmd.engine.quant import PRECISIONS
 from llmd.engine.sampling import SamplingParams
-from llmd.engine.worker import RankSpec
+from llmd.engine.worker import DTYPES, RankSpec
 
 from .evaluate import add_eval_parser
 from .host import Host, NoAgents, RemoteCluster
@@ -33,12 +33,9 @@ from .security import load_or_create_secret, read_secret
 from .text import TextModel
 
 
-# The precision `--weights auto` runs, per device: the fastest within the quality bounds (README, bench/quant.py).
+# The precision `--weights auto` runs, per device. CPU stays fp32 for now, though int4 decodes faster
+# within the quality bounds (README, bench/quant.py).
 AUTO_WEIGHTS = {"cpu": "fp32", "cuda": "bf16"}
-
-
-def torch_itemsize(dtype: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -283,7 +280,7 @@ def check_fit(setup: Setup, remote_devices: list[tuple[str, str, int]]) -> None:
     short = []
     for shard, (name, device, free_mb) in zip(plan.ranks[1:], remote_devices, strict=True):
         need_mb = rank_bytes(cfg, plan, shard.rank, setup.spec.context, setup.spec.slots, setup.spec.weights,
-                             torch_itemsize(setup.spec.dtype)) / 2**20
+                             DTYPES[setup.spec.dtype].itemsize) / 2**20
         if need_mb > free_mb:
             short.append(f"{name} {device} has {free_mb} MB free, rank {shard.rank} needs {need_mb:.0f} MB")
     if short:

@@ -16,12 +16,10 @@ import os
 import shutil
 import struct
 import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import ModelNotFound
 

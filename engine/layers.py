@@ -31,10 +31,6 @@ class Dense:
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.bias) if t is not None]
 
@@ -96,10 +92,6 @@ class Int8:
                 y = F.linear(x, w)
             y = y * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.scales, self.bias) if t is not None]
@@ -166,10 +158,6 @@ class Int4:
             return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).T.to(dtype)
         sz = self.scales_zeros.transpose(0, 1)[start:end]  # [out, groups, 2]
         return quant.dequantise_int4(self.packed[start:end], sz[..., 0], sz[..., 1], dtype)
-
-    @property
-    def out_features(self) -> int:
-        return self.rows
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.packed, self.scales_zeros, self.bias) if t is not None]

@@ -101,12 +101,6 @@ def weight_bytes(weights: str, rows: int, cols: int, group: int = 32) -> int:
     return rows * cols * DENSE_DTYPES[weights].itemsize
 
 
-def bytes_per_param(weights: str, group: int = 32) -> float:
-    """What the planner charges a weight in this precision, scales included (a large square weight)."""
-    n = 4096
-    return weight_bytes(weights, n, n, group) / (n * n)
-
-
 def padded_rows(rows: int) -> int:
     """The CPU int4 kernel packs rows in blocks of 16: a layer's rows are padded to a multiple of 16."""
     return -(-rows // 16) * 16
