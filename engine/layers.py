@@ -47,50 +47,34 @@ def rows_of(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
 
 
-def chunked(kernel, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """One row x [..., 1, in] through a bfloat16 kernel, its input cut in chunks whose outputs are summed
-    in float32: [..., 1, out].
+DEQUANT_ROWS = 4096  # rows of a layer dequantised at once outside the compiled decode step
 
-    A layer split by its inputs (o_proj by heads, down_proj by MLP columns) gives each rank a partial
-    sum, and a bfloat16 kernel rounds it: 2 ranks would round two halves where 1 rank rounds the whole.
-    Chunks that never straddle two ranks (a head, a block of columns) are rounded alike on every rank,
-    and only their float32 sum is added in another order, as with dense weights. The chunks go through
-    one kernel call as the rows of a block-diagonal matrix (row c holds chunk c, zeros elsewhere):
-    decode reads the weights once either way."""
-    inputs = x.shape[-1]
-    c = inputs // chunk
-    diag = torch.eye(c, dtype=torch.bfloat16, device=x.device)[:, :, None]
-    rows = (diag * x.reshape(-1, 1, c, chunk).to(torch.bfloat16)).reshape(-1, c, inputs)  # [B, c, in]
-    y = kernel(rows.reshape(-1, inputs).contiguous()).view(rows.shape[0], c, -1).float().sum(1)
-    return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+def by_row_blocks(x: torch.Tensor, rows: int, weights) -> torch.Tensor:
+    """x @ W.T with W [rows, in] dequantised `DEQUANT_ROWS` rows at a time by `weights(start, end)`, so a
+    large layer (the LM head) never exists whole in float32 outside the compiled decode step."""
+    return torch.cat([F.linear(x, weights(a, min(a + DEQUANT_ROWS, rows))) for a in range(0, rows, DEQUANT_ROWS)],
+                     dim=-1)
 
 
 @dataclass(frozen=True)
 class Int8:
-    """int8 weights [out, in] with a bfloat16 scale per output row (engine/quant.py). `form` "cpu-bf16":
-    torch's packed CPU kernel on bfloat16 activations, except for several rows of a layer split by its
-    inputs (prefill of o_proj, down_proj), which dequantise into float32 like "dequant": a dequantising
-    multiply-sum, so the ranks' partial sums are float32."""
+    """int8 weights [out, in] with a bfloat16 scale per output row (engine/quant.py), dequantised in a
+    multiply-sum in the activation dtype. Compiled, one row per sequence reads each weight once, at a
+    byte, and sums in float32 on CPU; that runs as fast as torch's packed int8 kernel on bfloat16
+    activations (bench/kernels.py), and the ranks' partial sums stay float32, so N ranks compute what
+    one rank computes up to the order of the all-reduce."""
 
     weight: torch.Tensor
     scales: torch.Tensor
     bias: torch.Tensor | None = None
-    form: str = "dequant"
-    chunk: int | None = None  # split by its inputs: sum in chunks of this many (see `chunked`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = lambda rows: torch._weight_int8pack_mm(rows, self.weight, self.scales)
-        if self.form == "cpu-bf16" and self.chunk and x.shape[-2] == 1:
-            y = chunked(kernel, x, self.chunk)
-        elif self.form == "cpu-bf16" and not self.chunk:
-            y = kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
-        else:  # the row scale applies after the sum
-            w = self.weight.to(x.dtype)
-            if x.shape[-2] == 1 and torch.compiler.is_compiling():
-                y = (w * x.unsqueeze(-2)).sum(-1)  # fused: the int8 weights are read once, at a byte each
-            else:
-                y = F.linear(x, w)
-            y = y * self.scales.to(x.dtype)
+        if x.shape[-2] == 1 and torch.compiler.is_compiling():
+            y = (self.weight.to(x.dtype) * x.unsqueeze(-2)).sum(-1)
+        else:
+            y = by_row_blocks(x, self.weight.shape[0], lambda a, b: self.weight[a:b].to(x.dtype))
+        y = y * self.scales.to(x.dtype)  # the row scale applies after the sum
         return y if self.bias is None else y + self.bias
 
     def tensors(self) -> list[torch.Tensor]:
@@ -100,9 +84,6 @@ class Int8:
         for t, d in ((self.weight, dim), (self.scales, 0), (self.bias, 0)):
             if t is not None and (t is self.weight or dim == 0) and t.shape[d] > 1:
                 torch._dynamo.mark_dynamic(t, d)
-
-
-DEQUANT_ROWS = 4096  # rows of a layer dequantised at once outside the compiled decode step
 
 
 @dataclass(frozen=True)
@@ -118,11 +99,10 @@ class Int4:
     group: int
     bias: torch.Tensor | None = None
     form: str = "dequant"
-    chunk: int | None = None  # split by its inputs: sum in chunks of this many (see `chunked`)
 
     @classmethod
     def build(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, form: str,
-              bias: torch.Tensor | None = None, chunk: int | None = None) -> "Int4":
+              bias: torch.Tensor | None = None) -> "Int4":
         """From quant.quantise_int4's values [out, in] and per-group scales and zeros [out, in / group]."""
         rows, pad = q.shape[0], quant.padded_rows(q.shape[0]) - q.shape[0]
         q, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (q, scales, zeros))
@@ -131,23 +111,31 @@ class Int4:
         else:
             packed = quant.pack_nibbles(q, group)
         scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-        return cls(packed, scales_zeros, rows, group, bias, form, chunk)
+        return cls(packed, scales_zeros, rows, group, bias, form)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = lambda rows: torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
-        if self.form == "cpu-bf16" and self.chunk and x.shape[-2] == 1:
-            y = chunked(kernel, x, self.chunk)
-        elif self.form == "cpu-bf16" and not self.chunk:
-            y = kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
+        if self.form == "cpu-bf16":
+            y = torch._weight_int4pack_mm_for_cpu(rows_of(x), self.packed, self.group, self.scales_zeros)
+            y = y.view(*x.shape[:-1], -1).to(x.dtype)
         elif x.shape[-2] == 1 and torch.compiler.is_compiling():
-            y = (self.dequantised(x.dtype) * x.unsqueeze(-2)).sum(-1)  # fused with the unpacking: half a byte a weight
-        elif self.form == "cpu-bf16":
-            y = F.linear(x, self.dequantised(x.dtype))
-        else:  # block by block of rows, so a large layer (the LM head) never exists whole in float32
-            y = torch.cat([F.linear(x, self.dequantised(x.dtype, a, a + DEQUANT_ROWS))
-                           for a in range(0, self.packed.shape[0], DEQUANT_ROWS)], dim=-1)
+            y = self.multiply_sum(x)
+        else:
+            y = by_row_blocks(x, self.packed.shape[0], lambda a, b: self.dequantised(x.dtype, a, b))
         y = y[..., : self.rows]
         return y if self.bias is None else y + self.bias
+
+    def multiply_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """One row per sequence, x [..., 1, in] -> [..., 1, out], for the compiler to fuse with the
+        unpacking: each group's low and high nibbles meet their halves of x, without a concatenation
+        (which the compiler does not vectorise: 3-20x slower, bench/kernels.py)."""
+        sz = self.scales_zeros.transpose(0, 1).to(x.dtype)  # [out, groups, 2]
+        out, groups = sz.shape[:2]
+        p = self.packed.view(out, groups, self.group // 2)
+        xg = x.reshape(*x.shape[:-1], 1, groups, 2, self.group // 2)  # [..., 1, 1 (out), groups, 2, group / 2]
+        scale, zero = sz[..., 0, None], sz[..., 1, None]
+        low = ((p & 15).to(x.dtype) - 8) * scale + zero
+        high = ((p >> 4).to(x.dtype) - 8) * scale + zero
+        return (low * xg[..., 0, :] + high * xg[..., 1, :]).sum((-1, -2))
 
     def dequantised(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The weights [out (padded), in] in `dtype`. torch's CPU layout is read back through its own kernel

@@ -174,12 +174,6 @@ class Maker:
     device: torch.device
     kv_replicated: bool = False
 
-    @property
-    def head_chunk(self) -> int:
-        """o_proj inputs per chunk: a KV group's query heads, which move between ranks together, or
-        one head where ranks outnumber KV heads and split query heads one by one."""
-        return self.cfg.head_dim * (1 if self.kv_replicated else self.cfg.group_size)
-
     def put(self, t: torch.Tensor) -> torch.Tensor:
         # Slices come back as fresh tensors (SliceReader copies what it reads): no second copy.
         return t.to(device=self.device, dtype=self.dtype).contiguous()
@@ -189,28 +183,24 @@ class Maker:
             return Dense(self.put(read_field(r, self.cfg, self.shard, f.weight, prefix)), bias)
         # Piece by piece (k then v, gate then up), so no more than one checkpoint tensor is held unquantised.
         parts = [self.quantised_piece(r, p, prefix) for p in f.weight]
-        chunk = None if f.dim != 1 else self.head_chunk if f.weight[0].unit == sharding.Q else \
-            quant.column_unit(self.cfg, self.weights)
-        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias, chunk=chunk)
+        return self.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), bias=bias,
+                         split_inputs=f.dim == 1)
 
     def rows_linear(self, blocks) -> Linear:
         """The LM head from its row blocks, each quantised as it comes: int8 for int8 and int4 weights
         alike (a 4-bit LM head costs quality, and its dequantising sum runs slower than the int8 one)."""
         head = replace(self, weights="int8")
         parts = [head.quantise(b) for b in blocks]
-        # Dequantised in float32, not a bfloat16 kernel: logits rounded to bfloat16 would move a whole
-        # bfloat16 step (0.06 at a logit of 10) on the least difference in their input. Compiled, this
-        # multiply-sum runs the LM head as fast as the kernel does (bench/kernels.py).
-        return head.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)), form="dequant")
+        # Int8 dequantises in the activation dtype, not a bfloat16 kernel: logits rounded to bfloat16 would
+        # move a whole bfloat16 step (0.06 at a logit of 10) on the least difference in their input.
+        return head.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)))
 
-    def kind(self, *tensors, bias=None, chunk: int | None = None, form: str | None = None) -> Linear:
-        form = form or quant.kernel_form(self.device)
+    def kind(self, *tensors, bias=None, split_inputs: bool = False) -> Linear:
         if self.weights == "int8":
-            if tensors[0].shape[1] % quant.INT8_K_UNIT or (chunk and chunk % quant.INT8_K_UNIT):
-                form = "dequant"  # the kernel would be wrong here
             weight, scales = tensors
-            return Int8(weight.to(self.device), scales.to(self.device), bias, form, chunk)
-        return Int4.build(*(t.to(self.device) for t in tensors), quant.group_size(self.cfg), form, bias, chunk)
+            return Int8(weight.to(self.device), scales.to(self.device), bias)
+        form = quant.kernel_form(self.device, split_inputs)
+        return Int4.build(*(t.to(self.device) for t in tensors), quant.group_size(self.cfg), form, bias)
 
     def quantised_piece(self, r: SliceReader, piece: sharding.Piece, prefix: str) -> tuple[torch.Tensor, ...]:
         if self.weights == "int8" and piece.dim == 1:

@@ -33,22 +33,10 @@ def group_size(cfg: ModelConfig) -> int:
                            "use --weights int8")
 
 
-INT8_K_UNIT = 16  # torch's packed int8 CPU kernel needs inputs in multiples of 16 (else wrong results)
-CHUNK = 128  # MLP columns per chunk of a quantised down projection (see layers.chunked): fewer chunks
-# cost less (bench: one decode row through down_proj took 623 us in 24 chunks, about 160 in one)
-
-
 def column_unit(cfg: ModelConfig, weights: str) -> int:
-    """MLP columns go to ranks in whole chunks of a quantised layer's input: whole int4 groups, so a
-    group never straddles two ranks, and whole chunks of the summation (layers.chunked): the largest
-    chunk that still leaves at least 8 of them to share out."""
-    if weights not in QUANTISED:
-        return 1
-    group = group_size(cfg) if weights == "int4" else INT8_K_UNIT
-    for unit in (CHUNK, 64, 32, 16):
-        if unit % group == 0 and cfg.intermediate_size % unit == 0 and cfg.intermediate_size // unit >= 8:
-            return unit
-    return group if cfg.intermediate_size % group == 0 else 1
+    """MLP columns go to ranks in whole int4 groups, so a group never straddles two ranks. int8 rows keep
+    whole-row scales: any column will do."""
+    return group_size(cfg) if weights == "int4" else 1
 
 
 def int8_scales(w: torch.Tensor) -> torch.Tensor:
@@ -108,9 +96,8 @@ def padded_rows(rows: int) -> int:
 
 @cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): then torch's packed int8 and
-    int4 kernels with bfloat16 activations are 2-5x fp32 (bench/kernels.py); without, they are slower
-    than fp32 and the quantised layers dequantise in a compiled float32 multiply-sum instead."""
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): then torch's packed int4
+    kernel on bfloat16 activations runs 2-4x fp32 (bench/kernels.py); without, it is slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -118,10 +105,16 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def kernel_form(device: str) -> str:
-    """How quantised layers compute on this device: "cpu-bf16", torch's packed CPU kernels with
-    bfloat16 activations, or "dequant", a dequantising multiply-sum (compiled on the decode path)."""
-    return "cpu-bf16" if torch.device(device).type == "cpu" and cpu_has_bf16() else "dequant"
+def kernel_form(device: str, split_inputs: bool = False) -> str:
+    """How an int4 layer computes on this device: "cpu-bf16", torch's packed CPU kernel on bfloat16
+    activations, or "dequant", a dequantising multiply-sum in the activation dtype (compiled on the
+    decode path). A layer split by its inputs (o_proj, down_proj) always dequantises: each rank holds a
+    partial sum of it, and the kernel would round that to bfloat16, where 2 ranks would round two halves
+    that 1 rank rounds whole; summed in float32, N ranks compute what 1 rank computes up to the order of
+    the all-reduce. int8 always dequantises: compiled, that is as fast as torch's packed int8 kernel."""
+    if split_inputs or torch.device(device).type != "cpu" or not cpu_has_bf16():
+        return "dequant"
+    return "cpu-bf16"
 
 
 def activation_dtype(weights: str, device: str) -> torch.dtype:
