@@ -255,15 +255,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def qkv_block(x, norm_w, q_proj: Linear, kv_proj: Linear, cos, sin, eps: float, D: int):
-    """Norm, Q and KV projections and RoPE: x [B, S, H] -> q [B, nq, S, D], k and v [B, nkv, S, D].
-    Head counts come from the outputs' shapes, so a compiled block follows the balancer's moves."""
+    """Norm, Q and KV projections and RoPE: x [B, S, H] -> q [B, nq, S, D], k and v [B, nkv, S, D], and the
+    projections' input (see `Blocks`). Head counts come from the outputs' shapes, so a compiled block
+    follows the balancer's moves."""
     B, S, _ = x.shape
     h = rms_norm(x, norm_w, eps)
     q = q_proj(h)  # [B, S, nq * D]
     k, v = kv_proj(h).chunk(2, dim=-1)  # [B, S, nkv * D] each
     q = rotate(q.view(B, S, -1, D).transpose(1, 2), cos, sin)
     k = rotate(k.view(B, S, -1, D).transpose(1, 2), cos, sin)
-    return q, k, v.view(B, S, -1, D).transpose(1, 2)
+    return q, k, v.view(B, S, -1, D).transpose(1, 2), h
 
 
 def out_block(attn, o_proj: Linear):
@@ -273,14 +274,18 @@ def out_block(attn, o_proj: Linear):
 
 
 def mlp_block(x, norm_w, gate_up: Linear, down: Linear, eps: float):
-    """Norm, fused gate/up, SiLU, down: x [B, S, H] -> this rank's partial sum, [B, S, H]."""
-    gate, up = gate_up(rms_norm(x, norm_w, eps)).chunk(2, dim=-1)  # [B, S, cols] each
-    return down(F.silu(gate) * up)
+    """Norm, fused gate/up, SiLU, down: x [B, S, H] -> this rank's partial sum [B, S, H], and the
+    projections' inputs (see `Blocks`)."""
+    h = rms_norm(x, norm_w, eps)
+    gate, up = gate_up(h).chunk(2, dim=-1)  # [B, S, cols] each
+    a = F.silu(gate) * up
+    return down(a), (h, a)
 
 
 def head_block(x, norm_w, lm_head: Linear, eps: float):
-    """x [..., H] -> this rank's slice of the logits."""
-    return lm_head(rms_norm(x, norm_w, eps))
+    """x [..., H] -> this rank's slice of the logits, and the LM head's input (see `Blocks`)."""
+    h = rms_norm(x, norm_w, eps)
+    return lm_head(h), h
 
 
 @dataclass(frozen=True)
@@ -288,7 +293,14 @@ class Blocks:
     """The per-layer math, eager or compiled. Decode steps (one token per row) run compiled
     blocks where available; prefill runs eager, since its shapes change with every prompt.
     Compiled for a reshardable rank, the weights' sharded dimensions are marked symbolic
-    (`mark_sharded`), so the balancer's moves reuse the same compiled code."""
+    (`mark_sharded`), so the balancer's moves reuse the same compiled code.
+
+    Each block also returns the inputs of its linear layers (a norm's output, SiLU(gate) * up), which
+    callers drop. A compiled graph writes its outputs to memory; a value it only uses, it may compute
+    inside its consumer instead, and the compiler does so here: it would recompute the norm (or the
+    SiLU) in the matrix-vector loop for every row of weights. Returned, each is computed once and
+    read from memory: decode 1.4-3.6x faster at 1 thread a rank, the quantised layers most
+    (bench/kernels.py's `fused input` rows)."""
 
     qkv: object = qkv_block
     out: object = out_block
@@ -417,7 +429,7 @@ class ShardedModel:
             with torch.inference_mode():  # the compiled code is guarded on it, and on each tensor's kind
                 x = zeros(1, 1, H)
                 cos, sin = self.cos[:1].view(1, 1, 1, D).clone(), self.sin[:1].view(1, 1, 1, D).clone()
-                q_out, _, _ = self.decode_blocks.qkv(x, norm, q, kv, cos, sin, cfg.rms_norm_eps, D)
+                q_out, _, _, _ = self.decode_blocks.qkv(x, norm, q, kv, cos, sin, cfg.rms_norm_eps, D)
                 self.decode_blocks.out(self.heads_symbolic(q_out), o)
 
     def heads_symbolic(self, attn: torch.Tensor) -> torch.Tensor:
@@ -518,11 +530,11 @@ class ShardedModel:
         step = self.step_inputs(slots, starts, S, tokens.device)
         x = self.stage_input(tokens)  # [B, S, H]
         for i, lw in enumerate(self.w.layers):
-            q, k, v = blocks.qkv(x, lw.attn_norm, lw.q, lw.kv, step.cos, step.sin, eps, cfg.head_dim)
+            q, k, v, _ = blocks.qkv(x, lw.attn_norm, lw.q, lw.kv, step.cos, step.sin, eps, cfg.head_dim)
             y = blocks.out(self.heads_symbolic(self.attend(i, q, k, v, step)), lw.o)  # [B, S, H], partial
             self.all_reduce(y)
             x = x + (y if lw.o_bias is None else y + lw.o_bias)
-            y = blocks.mlp(x, lw.mlp_norm, lw.gate_up, lw.down, eps)  # [B, S, H], partial
+            y, _ = blocks.mlp(x, lw.mlp_norm, lw.gate_up, lw.down, eps)  # [B, S, H], partial
             self.all_reduce(y)
             x = x + (y if lw.down_bias is None else y + lw.down_bias)
         logits = self.stage_output(x, blocks, all_logits)  # [B, S or 1, V] on rank 0, else None
@@ -548,7 +560,7 @@ class ShardedModel:
                     self.comm.send(x, dst)
         rows = x.shape[1] if all_logits else 1
         if self.last:
-            local = blocks.head(x[:, -rows:], self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps)
+            local, _ = blocks.head(x[:, -rows:], self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps)
             with self.clock.waiting():
                 if len(self.plan.stages) == 1:
                     return self.comm.gather_to_driver(local, self.vocab_sizes)
