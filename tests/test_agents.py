@@ -52,6 +52,7 @@ def test_generation_across_agents_matches_transformers_until_one_is_lost(pool, d
     assert all({"name", "address", "port", "devices"} <= p.keys() for p in mine)
 
     run = run_cli("generate", "--agents", "auto", "--expect", "2", "--address", "127.0.0.1", "--threads", "1",
+                  "--weights", "fp32",
                   "--compile", "off", "--greedy", "--chat", "--max-new-tokens", "12", "--json", PROMPT, secret=secret)
     assert run.returncode == 0, run.stderr
     out = parse_json_line(run.stdout)

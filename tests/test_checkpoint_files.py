@@ -71,6 +71,6 @@ def test_a_directory_missing_a_file_its_index_names_is_refused(sharded, tmp_path
 
 def test_two_ranks_generate_transformers_greedy_tokens_from_a_sharded_checkpoint(sharded):
     out = llmd_here("generate", "--model", str(sharded), "--workers", "2", "--greedy", "--max-new-tokens", "16",
-                    "--compile", "off", "--json", PROMPT).json
+                    "--compile", "off", "--weights", "fp32", "--json", PROMPT).json
     assert len(out["plan"]["ranks"]) == 2
     assert out["token_ids"] == hf_greedy(sharded, out["prompt_token_ids"], 16)

@@ -29,7 +29,7 @@ def run_and_compare(model_dir, tmp_path, workers: int | None, shares: str | None
                     compiled: bool = False):
     dump = tmp_path / "logits.pt"
     args = ["generate", "--model", str(model_dir), "--greedy", "--ignore-eos",
-            "--max-new-tokens", str(DECODE_STEPS + 1), "--json", "--dump-logits", str(dump), *extra, PROMPT]
+            "--max-new-tokens", str(DECODE_STEPS + 1), "--weights", "fp32", "--json", "--dump-logits", str(dump), *extra, PROMPT]
     if workers:
         args[3:3] = ["--workers", str(workers)]
     if shares:
@@ -102,6 +102,6 @@ def test_a_plan_file_from_the_planner_runs_and_matches_transformers(default_mode
 
 def test_chat_greedy_tokens_equal_hf_generate(default_model_dir):
     out = llmd_here("generate", "--workers", "2", "--shares", "2,1", "--greedy", "--chat", "--max-new-tokens", "24",
-                    "--compile", "off", "--json", "What is the capital of France?").json
+                    "--compile", "off", "--weights", "fp32", "--json", "What is the capital of France?").json
     assert out["token_ids"] == hf_greedy(default_model_dir, out["prompt_token_ids"], 24)
     assert "Paris" in out["text"]

@@ -210,7 +210,7 @@ def test_two_ranks_generate_transformers_greedy_tokens_from_a_gguf(big_gguf, cac
     monkeypatch.setenv("LLMD_CACHE_DIR", str(cache_dir))  # the conversion above, if it ran, is reused
     steps = 16
     out = llmd_here("generate", "--model", str(big_gguf), "--workers", "2", "--greedy", "--ignore-eos",
-                    "--max-new-tokens", str(steps), "--compile", "off", "--json", PROMPT).json
+                    "--max-new-tokens", str(steps), "--compile", "off", "--weights", "fp32", "--json", PROMPT).json
     prompt, generated = out["prompt_token_ids"], out["token_ids"]
     assert len(generated) == steps
     # transformers' bfloat16 weights computed in fp32, as the engine does: each generated token is its

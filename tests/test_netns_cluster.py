@@ -62,7 +62,8 @@ def test_host_discovers_agents_in_other_namespaces_and_generates(default_model_d
             # `generate --agents auto` finds them over multicast, at the addresses they advertise
             # (`llmd peers` is tested on loopback, test_agents.py).
             proc = host.run_in([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", host.address,
-                                "--threads", "1", "--compile", "off", "--greedy", "--chat", "--max-new-tokens", "10", "--json",
+                                "--threads", "1", "--compile", "off", "--weights", "fp32", "--greedy", "--chat",
+                                "--max-new-tokens", "10", "--json",
                                 "Name a colour of the rainbow."],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host_env(secret))
             try:

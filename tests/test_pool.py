@@ -121,7 +121,8 @@ def test_migration_timeline_rows():
 # ---- the pool with a real store and engine
 
 def engine_args(*extra: str):
-    return build_parser([add_up_commands]).parse_args(["up", "--device", "cpu", "--compile", "off", "--context", "256", *extra])
+    return build_parser([add_up_commands]).parse_args(["up", "--device", "cpu", "--compile", "off", "--weights", "fp32",
+                                                       "--context", "256", *extra])
 
 
 def make_pool(tmp_path, workers: int, secret: str = "s") -> Pool:
