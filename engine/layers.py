@@ -62,7 +62,7 @@ class Int8:
     """int8 weights [out, in] with a bfloat16 scale per output row (engine/quant.py), dequantised in a
     multiply-sum in the activation dtype. Compiled, one row per sequence reads each weight once, at a
     byte, and sums in float32 on CPU; that runs as fast as torch's packed int8 kernel on bfloat16
-    activations (bench/kernels.py), and the ranks' partial sums stay float32, so N ranks compute what
+    activations (bench/linear_kernels.py), and the ranks' partial sums stay float32, so N ranks compute what
     one rank computes up to the order of the all-reduce."""
 
     weight: torch.Tensor
@@ -127,7 +127,7 @@ class Int4:
     def multiply_sum(self, x: torch.Tensor) -> torch.Tensor:
         """One row per sequence, x [..., 1, in] -> [..., 1, out], for the compiler to fuse with the
         unpacking: each group's low and high nibbles meet their halves of x, without a concatenation
-        (which the compiler does not vectorise: 3-20x slower, bench/kernels.py)."""
+        (which the compiler does not vectorise: 3-20x slower, bench/linear_kernels.py)."""
         sz = self.scales_zeros.transpose(0, 1).to(x.dtype)  # [out, groups, 2]
         out, groups = sz.shape[:2]
         p = self.packed.view(out, groups, self.group // 2)

@@ -97,7 +97,7 @@ def padded_rows(rows: int) -> int:
 @cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX): then torch's packed int4
-    kernel on bfloat16 activations runs 2-4x fp32 (bench/kernels.py); without, it is slower than fp32."""
+    kernel on bfloat16 activations runs 2-4x fp32 (bench/linear_kernels.py); without, it is slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -26,7 +26,7 @@ API constraints found (torch 2.13 CPU):
   32/64/128/256 with K % group_size == 0 (so 128 does not fit K = 576); scales_and_zeros contiguous, in x's
   dtype; w = (q - 8) * scale + zero; output in x's dtype. fp32 x is accepted but runs a slow path.
 
-    python bench/kernels.py [--rows 1 4] [--repeat 30] [--threads 1] [--shapes q_proj lm_head] [--big]
+    python bench/linear_kernels.py [--rows 1 4] [--repeat 30] [--threads 1] [--shapes q_proj lm_head] [--big]
 """
 
 import argparse
