@@ -568,7 +568,7 @@ class Pool:
                                                 "longer see it (the local engine keeps running)")
 
     def describe(self) -> str:
-        """What is running, for the status line: e.g. "SmolLM2-135M-Instruct on 2 ranks (vm cpu x2)"."""
+        """What is running, for the status line: e.g. "SmolLM2-135M-Instruct, int8 weights, on 2 rank(s) (vm cpu x2)"."""
         engine = self.engine
         if engine is None:
             return ""
@@ -577,7 +577,7 @@ class Pool:
             where[f"{d.node} {d.device}"] = where.get(f"{d.node} {d.device}", 0) + 1
         spread = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in where.items())
         name = Path(engine.spec.model_dir).name.split(".")[0]
-        return f"{name} on {len(engine.devices)} rank(s) ({spread})"
+        return f"{name}, {engine.spec.weights} weights, on {len(engine.devices)} rank(s) ({spread})"
 
     def local_samples(self, now: float) -> list[Sample]:
         if self._gpu_names:
