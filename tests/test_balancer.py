@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 from llmd.app.launch import LocalCluster
+from llmd.engine import quant
 from llmd.engine.balancer import BalancerConfig, decide
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.plan import Plan, make_pipeline_plan, make_plan
@@ -33,10 +34,10 @@ BC = BalancerConfig()
 READY_S = 120  # how long a move may take to prepare on a loaded machine: a deadline, not a measurement
 
 
-def move_off(plan: Plan, cfg: ModelConfig, slow: int, stage: int = 0) -> Plan:
+def move_off(plan: Plan, cfg: ModelConfig, slow: int, stage: int = 0, bc: BalancerConfig = BC) -> Plan:
     """The plan the balancer itself would move to with `slow` the slowest rank of its stage."""
     times = [200.0 if r == slow else 50.0 for r in range(plan.world_size)]
-    move = decide(plan, cfg, times, BC, BC.patience, 100)
+    move = decide(plan, cfg, times, bc, bc.patience, 100)
     assert move is not None and move.stage == stage and move.from_rank == slow
     return move.plan
 
@@ -71,9 +72,10 @@ def wait_until_prepared(driver) -> int:
         time.sleep(0.05)
 
 
-def decode_with_moves(model_dir, plan: Plan, moves: list[Forced], tokens: int) -> Run:
+def decode_with_moves(model_dir, plan: Plan, moves: list[Forced], tokens: int, weights: str = "fp32") -> Run:
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
-    spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, context=128, reshardable=True)
+    spec = RankSpec(model_dir=str(model_dir), plan=plan.to_dict(), rank=0, context=128, reshardable=True,
+                    weights=weights)
     run = Run(list(ids), len(ids))
     with LocalCluster(spec, plan.world_size) as cluster:
         driver = cluster.driver
@@ -140,6 +142,23 @@ def test_moves_of_every_kind_stay_exact(tiny_models, kind, workers, stages, slow
     run = decode_with_moves(model_dir, plan, [Forced(4, new, after=5)], tokens=14)
     assert run.plans == [new]
     assert_exact(model_dir, run)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantised_slices_move_and_stay_exact(int4_model, weights):
+    """A move of quantised weights (int4: MLP columns in whole groups) computes what one rank computes in
+    the same precision, on every step before and after the switch."""
+    cfg = ModelConfig.from_hf(load_hf_config(int4_model))
+    unit = quant.column_unit(cfg, weights)
+    plan = make_plan(cfg, [1.0, 1.0], unit)
+    new = move_off(plan, cfg, slow=0, bc=replace(BC, column_unit=unit))
+    assert all(c % unit == 0 for r in new.ranks for c in r.mlp_columns)
+    run = decode_with_moves(int4_model, plan, [Forced(3, new, after=3)], tokens=10, weights=weights)
+    assert run.plans == [new]
+    one = decode_with_moves(int4_model, make_plan(cfg, [1.0], unit), [], tokens=10, weights=weights)
+    assert run.ids == one.ids
+    err = (torch.stack(run.logits) - torch.stack(one.logits)).abs().amax(-1)  # [steps]
+    assert err.max().item() < TOLERANCE, f"step {int(err.argmax())} differs from one rank's by {err.max().item()}"
 
 
 def test_a_failed_move_is_aborted_and_generation_goes_on(tiny_models, tmp_path):

@@ -22,23 +22,6 @@ DECODE_STEPS = 8
 PROMPT = "The three primary colours of light are"
 
 
-@pytest.fixture(scope="module")
-def int4_model(tmp_path_factory, default_model_dir):
-    """A tiny Llama whose sizes int4 groups divide: head 32, hidden 128, MLP 256 (8 groups of 32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    out = tmp_path_factory.mktemp("int4-model")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def effective(layer, inputs: int) -> torch.Tensor:
     """The weights a linear layer multiplies by, [out, in], read back through its own kernel."""
     with torch.inference_mode():
