@@ -89,11 +89,11 @@ class Int8:
 @dataclass(frozen=True)
 class Int4:
     """4-bit weights, two a byte, with a bfloat16 scale and zero per group of inputs; rows padded to a
-    multiple of 16, the padding cut from the output. `form` "cpu-bf16": `packed` is torch's CPU int4
-    layout, multiplied by its kernel on bfloat16 activations; "dequant": `packed` is quant.pack_nibbles'
-    layout, dequantised in a multiply-sum."""
+    multiple of 16, the padding cut from the output. `form` "cpu-bf16" / "cuda-bf16": `packed` is torch's
+    CPU / CUDA (tinygemm) int4 layout, multiplied by its kernel on bfloat16 activations; "dequant":
+    `packed` is quant.pack_nibbles' layout, dequantised in a multiply-sum."""
 
-    packed: torch.Tensor  # [out (padded), in / 2] uint8
+    packed: torch.Tensor  # [out (padded), in / 2] uint8; on CUDA, the kernel's own int32 tiles of as many bytes
     scales_zeros: torch.Tensor  # [in / group, out (padded), 2] bfloat16, as the kernels take them
     rows: int
     group: int
@@ -108,21 +108,29 @@ class Int4:
         q, scales, zeros = (F.pad(t, (0, 0, 0, pad)) for t in (q, scales, zeros))
         if form == "cpu-bf16":
             packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        elif form == "cuda-bf16":  # two values a byte, the even input in the high nibble, as tinygemm takes them
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch._convert_weight_to_int4pack(pairs, quant.inner_k_tiles(q.shape[1]))
         else:
             packed = quant.pack_nibbles(q, group)
         scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
         return cls(packed, scales_zeros, rows, group, bias, form)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "cpu-bf16":
-            y = torch._weight_int4pack_mm_for_cpu(rows_of(x), self.packed, self.group, self.scales_zeros)
-            y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.form != "dequant":
+            y = self.kernel(rows_of(x)).view(*x.shape[:-1], -1).to(x.dtype)
         elif x.shape[-2] == 1 and torch.compiler.is_compiling():
             y = self.multiply_sum(x)
         else:
             y = by_row_blocks(x, self.packed.shape[0], lambda a, b: self.dequantised(x.dtype, a, b))
         y = y[..., : self.rows]
         return y if self.bias is None else y + self.bias
+
+    def kernel(self, rows: torch.Tensor) -> torch.Tensor:
+        """torch's kernel for this form: bfloat16 rows [M, in] -> [M, out (padded)] in bfloat16."""
+        if self.form == "cuda-bf16":
+            return torch._weight_int4pack_mm(rows, self.packed, self.group, self.scales_zeros)
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_zeros)
 
     def multiply_sum(self, x: torch.Tensor) -> torch.Tensor:
         """One row per sequence, x [..., 1, in] -> [..., 1, out], for the compiler to fuse with the
@@ -140,10 +148,10 @@ class Int4:
     def dequantised(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The weights [out (padded), in] in `dtype`. torch's CPU layout is read back through its own kernel
         (an identity input: each output is one weight, exact in bfloat16's rounding), the same on every rank."""
-        if self.form == "cpu-bf16":
-            inputs = self.packed.shape[1] * 2
+        if self.form != "dequant":
+            inputs = self.scales_zeros.shape[0] * self.group
             eye = torch.eye(inputs, dtype=torch.bfloat16, device=self.packed.device)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).T.to(dtype)
+            return self.kernel(eye)[:, start:end].T.to(dtype)
         sz = self.scales_zeros.transpose(0, 1)[start:end]  # [out, groups, 2]
         return quant.dequantise_int4(self.packed[start:end], sz[..., 0], sz[..., 1], dtype)
 

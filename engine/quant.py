@@ -106,15 +106,27 @@ def cpu_has_bf16() -> bool:
 
 
 def kernel_form(device: str, split_inputs: bool = False) -> str:
-    """How an int4 layer computes on this device: "cpu-bf16", torch's packed CPU kernel on bfloat16
-    activations, or "dequant", a dequantising multiply-sum in the activation dtype (compiled on the
-    decode path). A layer split by its inputs (o_proj, down_proj) always dequantises: each rank holds a
-    partial sum of it, and the kernel would round that to bfloat16, where 2 ranks would round two halves
-    that 1 rank rounds whole; summed in float32, N ranks compute what 1 rank computes up to the order of
-    the all-reduce. int8 always dequantises: compiled, that is as fast as torch's packed int8 kernel."""
-    if split_inputs or torch.device(device).type != "cpu" or not cpu_has_bf16():
+    """How an int4 layer computes on this device. On CUDA, "cuda-bf16": torch's tinygemm kernel on the
+    bfloat16 activations. On CPU, "cpu-bf16": torch's packed CPU kernel on bfloat16 activations, where
+    the CPU has bfloat16 instructions, else "dequant", a dequantising multiply-sum in the activation
+    dtype (compiled on the decode path). A layer split by its inputs (o_proj, down_proj) always
+    dequantises on CPU: each rank holds a partial sum of it, and the kernel would round that to
+    bfloat16, where 2 ranks would round two halves that 1 rank rounds whole; summed in float32, N ranks
+    compute what 1 rank computes up to the order of the all-reduce. (On CUDA every partial sum is
+    bfloat16 already, as with dense bf16 weights.) int8 always dequantises: compiled, that is as fast
+    as torch's packed int8 kernel."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "cuda-bf16"
+    if split_inputs or kind != "cpu" or not cpu_has_bf16():
         return "dequant"
     return "cpu-bf16"
+
+
+def inner_k_tiles(inputs: int) -> int:
+    """The CUDA int4 layout's tiling of the inputs: the largest of 8, 4, 2 whose 16-input tiles divide them
+    (a layer's inputs are whole groups of 32, so 2 always does)."""
+    return next(t for t in (8, 4, 2) if inputs % (16 * t) == 0)
 
 
 def activation_dtype(weights: str, device: str) -> torch.dtype:

@@ -12,6 +12,7 @@ import torch
 from conftest import llmd, llmd_here
 from llmd.engine import quant
 from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.layers import Int4
 from llmd.engine.memory import shard_weight_bytes
 from llmd.engine.model import load_shard
 from llmd.engine.plan import Plan, make_plan
@@ -93,6 +94,22 @@ def test_the_compiled_decode_step_on_two_uneven_ranks_agrees_with_one_eager_rank
     out, logits = generate(int4_model, tmp_path, "int4", "--workers", "2", "--shares", "1,3", compiled=True)
     assert out["token_ids"] == one["token_ids"]
     assert_agree(logits, one_logits, "compiled, 2 ranks")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch's int4 CUDA kernel")
+def test_the_cuda_int4_kernel_multiplies_by_the_quantised_weights():
+    """tinygemm's layout (two values a byte, tiled inputs) read back through the kernel: the weights that
+    quant.quantise_int4 made, and a product close to theirs (bfloat16 activations and outputs)."""
+    torch.manual_seed(0)
+    w = torch.randn(200, 576)  # rows padded to 208; inputs tiled by 4 x 16 + groups of 32
+    q, scales, zeros = quant.quantise_int4(w, 32)
+    want = quant.dequantise_int4(quant.pack_nibbles(q, 32), scales, zeros, torch.float32)  # [200, 576]
+    layer = Int4.build(q.cuda(), scales.cuda(), zeros.cuda(), 32, "cuda-bf16")
+    read_back = layer.dequantised(torch.float32)[:200].cpu()
+    assert (read_back - want).abs().max().item() < 2**-6 * want.abs().max().item()  # a few bfloat16 steps
+    x = torch.randn(1, 3, 576)
+    got = layer(x.cuda().bfloat16()).float().cpu()  # [1, 3, 200]
+    assert (got - x @ want.T).abs().max().item() < 0.02 * (x @ want.T).abs().max().item()
 
 
 def test_int4_refuses_a_model_its_groups_do_not_divide(tiny_models):
