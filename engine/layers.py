@@ -146,8 +146,8 @@ class Int4:
         return (low * xg[..., 0, :] + high * xg[..., 1, :]).sum((-1, -2))
 
     def dequantised(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """The weights [out (padded), in] in `dtype`. torch's CPU layout is read back through its own kernel
-        (an identity input: each output is one weight, exact in bfloat16's rounding), the same on every rank."""
+        """The weights [out (padded), in] in `dtype` (rows start:end). torch's layouts (CPU, CUDA) are read back
+        through their own kernel (an identity input: each output is one weight, in bfloat16's rounding)."""
         if self.form != "dequant":
             inputs = self.scales_zeros.shape[0] * self.group
             eye = torch.eye(inputs, dtype=torch.bfloat16, device=self.packed.device)
