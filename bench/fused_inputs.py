@@ -1,4 +1,5 @@
-"""Compiled blocks that return their linear layers' inputs, against the same blocks that do not.
+"""engine/model.py's compiled blocks, which return their linear layers' inputs, against the same blocks
+whose inputs are dropped.
 
 engine/model.py's blocks return the input of each linear layer (a norm's output, SiLU(gate) * up)
 beside their result. Without that, the compiler folds the norm or the SiLU into the matrix-vector loop that
@@ -15,10 +16,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llmd.engine.layers import Dense, Int8
-from llmd.engine.model import rms_norm
+from llmd.engine.model import head_block, mlp_block
 from llmd.engine.quant import int8_scales, quantise_int8
 
 H, COLS, VOCAB = 576, 1536, 49152  # SmolLM2-135M
@@ -33,25 +33,12 @@ def linear(weights: str, rows: int, cols: int):
     return Int8(quantise_int8(w, scales), scales)
 
 
-def mlp_written(x, norm_w, gate_up, down, eps):
-    """engine/model.py's MLP block, its linear layers' inputs returned (so written out once)."""
-    h = rms_norm(x, norm_w, eps)
-    gate, up = gate_up(h).chunk(2, dim=-1)
-    a = F.silu(gate) * up
-    return down(a), h, a
-
-
-def mlp_folded(*args):
-    return mlp_written(*args)[0]
-
-
-def head_written(x, norm_w, lm_head, eps):
-    h = rms_norm(x, norm_w, eps)
-    return lm_head(h), h
-
-
-def head_folded(*args):
-    return head_written(*args)[0]
+def folded(block):
+    """The block as it was before: its result alone, so the compiler may fold the inputs it computes
+    into the loops that consume them."""
+    def result_only(*args):
+        return block(*args)[0]
+    return result_only
 
 
 def mlp_args(weights: str):
@@ -66,11 +53,11 @@ def per_copy_bytes(args) -> int:
     return sum(t.numel() * t.element_size() for a in args if hasattr(a, "tensors") for t in a.tensors())
 
 
-def time_pair(written, folded, make_args, weights: str, repeat: int) -> tuple[float, float]:
+def time_pair(block, make_args, weights: str, repeat: int) -> tuple[float, float]:
     """Median microseconds of (inputs returned, inputs dropped), sampled in turns."""
     first = make_args(weights)
     copies = [first] + [make_args(weights) for _ in range(max(1, POOL_BYTES // per_copy_bytes(first)) - 1)]
-    forms = [torch.compile(written, dynamic=False), torch.compile(folded, dynamic=False)]
+    forms = [torch.compile(block, dynamic=False), torch.compile(folded(block), dynamic=False)]
     samples = [[], []]
     with torch.inference_mode():
         for f in forms:
@@ -92,10 +79,9 @@ def main() -> None:
     print("block     weights  threads  inputs returned us  inputs dropped us  speed-up")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for name, written, folded, make_args in (("mlp", mlp_written, mlp_folded, mlp_args),
-                                                 ("lm_head", head_written, head_folded, head_args)):
+        for name, block, make_args in (("mlp", mlp_block, mlp_args), ("lm_head", head_block, head_args)):
             for weights in ("int8", "fp32"):
-                kept, dropped = time_pair(written, folded, make_args, weights, args.repeat)
+                kept, dropped = time_pair(block, make_args, weights, args.repeat)
                 print(f"{name:8s}  {weights:7s}  {threads:7d}  {kept:18.1f}  {dropped:17.1f}  {dropped / kept:7.2f}x",
                       flush=True)
 
