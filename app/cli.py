@@ -15,7 +15,7 @@ from llmd.engine.balancer import BalancerConfig
 from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import BadPlan, LlmdError, ModelDoesNotFit, ModelNotFound
-from llmd.engine.memory import rank_bytes
+from llmd.engine.memory import default_slots, rank_bytes
 from llmd.engine.partition import describe, load_plan, parse_device, parse_link, plan_partition
 from llmd.engine.presets import PRESETS, preset
 from llmd.engine.runtime import check_prompt
@@ -210,12 +210,27 @@ def prepare(args, world_size: int | None = None) -> Setup:
     threads = args.threads or max(1, (os.cpu_count() or 1) // local_ranks)
     balancer = balancer_config(args, unit)
     dtype = str(quant.activation_dtype(weights, args.device)).removeprefix("torch.")
+    slots = getattr(args, "slots", None) or 1  # generate and chat run one sequence; up and host say "auto"
+    if slots == "auto":  # the ranks on this machine decide (agents' devices are checked to fit by check_fit)
+        slots = default_slots(cfg, plan, context, weights, DTYPES[dtype].itemsize,
+                              local_free_bytes(args.device, local_ranks))
     options = EngineOptions(plan=plan.to_dict(), device=args.device, dtype=dtype, weights=weights,
-                            context=context, timeout_s=args.timeout,
+                            context=context, slots=slots, timeout_s=args.timeout,
                             compile=want_compile(args), reshardable=balancer is not None,
                             slowdown=tuple(tuple(s) for s in parse_slowdown(args.slowdown, world_size)))
     spec = options.rank_spec(str(model_dir), rank=0, threads=threads)
     return Setup(spec, world_size, TextModel.load(model_dir), balancer)
+
+
+def local_free_bytes(device: str, ranks: int) -> list[int]:
+    """Free memory per rank as this machine sees it: each GPU's, or the RAM shared by the CPU ranks."""
+    if device == "cuda":
+        import torch
+
+        return [torch.cuda.mem_get_info(i)[0] for i in range(min(ranks, torch.cuda.device_count()))] or [0]
+    import psutil
+
+    return [psutil.virtual_memory().available // max(ranks, 1)] * ranks
 
 
 def read_plan_file(path: str, cfg: ModelConfig) -> Plan:

@@ -73,18 +73,20 @@ class RequestCost:
 
 
 def request_cost(traces: dict[str, list[tuple[float, float]]], start: float, end: float, settings: Settings,
-                 node_share: dict[str, float] | None = None, estimated: bool = False) -> RequestCost:
+                 node_share: dict[str, float] | None = None, estimated: bool = False,
+                 share: float = 1.0) -> RequestCost:
     """The cost of a request that ran over [start, end] on the devices whose power `traces` hold.
 
     energy_cost = kWh over all traces × electricity price. node_cost = Σ over the nodes with an hourly
     price of price × hours × share, where share is the request's share of that node's time (1.0 unless
     `node_share` says otherwise: 1/n for n requests batched together, 0 for a node it did not use).
+    `share` scales both: the request's part of the pool's time over [start, end] (batched with others).
     """
-    joules = sum(energy_j(trace, start, end) for trace in traces.values())
+    joules = share * sum(energy_j(trace, start, end) for trace in traces.values())
     energy_cost = joules / J_PER_KWH * settings.electricity_per_kwh
     hours = max(end - start, 0.0) / 3600.0
     shares = node_share or {}
-    node_cost = sum(price * hours * shares.get(node, 1.0) for node, price in settings.node_hourly.items())
+    node_cost = share * sum(price * hours * shares.get(node, 1.0) for node, price in settings.node_hourly.items())
     return RequestCost(joules, energy_cost, node_cost, energy_cost + node_cost, estimated)
 
 

@@ -7,21 +7,19 @@ No Gradio here: `ui/` calls these methods and draws what they return.
 
 import ctypes
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
 
 from llmd.engine.config import ModelConfig, load_hf_config
-from llmd.engine.errors import LlmdError, WorkerLost
+from llmd.engine.errors import LlmdError
 from llmd.engine.partition import Device, plan_partition
 from llmd.engine.presets import DEVICE_KINDS
 from llmd.engine.sampling import SamplingParams
@@ -31,11 +29,10 @@ from . import costs, inventory
 from .client import AgentRefused, AgentUnreachable
 from .host import Host, NoAgents, RemoteCluster
 from .launch import Cluster, LocalCluster
+from .serving import (Event, Failed, Finished, Limits, PoolNotReady, Reply, Request, Serving, Ticket, Token,
+                      describe_error)
 from .store import Sample, Store, StoreError
 from .text import TextModel
-
-
-class PoolNotReady(LlmdError): ...
 
 
 class PoolBusy(LlmdError): ...
@@ -76,22 +73,6 @@ class ChatSettings:
         return SamplingParams(max_new_tokens=int(self.max_new_tokens), greedy=self.greedy,
                               temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
                               stop_token_ids=stop_token_ids)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What a finished chat reply measured; the last item `Pool.chat` yields."""
-
-    request_id: str
-    text: str
-    tokens: int
-    ttft_s: float
-    tokens_per_s: float
-    finish_reason: str  # stop | length | cancelled
-    energy_j: float
-    energy_estimated: bool
-    cost: float
-    currency: str
 
 
 @dataclass(frozen=True)
@@ -141,6 +122,7 @@ class PoolConfig:
     recipe: Recipe
     user: str = "web"
     sample_period_s: float = 1.0
+    max_waiting: int = 32  # requests queued beyond the free KV slots before new ones are told "busy"
 
 
 @dataclass
@@ -151,33 +133,6 @@ class Versions:
     requests: int = 0
     samples: int = 0
     settings: int = 0
-
-
-class Turns:
-    """A lock granted in arrival order, so chats wait their turn fairly."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next = 0
-        self._serving = 0
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._serving += 1
-                self._cond.notify_all()
-
-    def waiting(self) -> int:
-        with self._cond:
-            return max(self._next - self._serving - 1, 0)
 
 
 class _Reports:
@@ -201,21 +156,12 @@ class ReportingLocalCluster(_Reports, LocalCluster): ...
 class ReportingRemoteCluster(_Reports, RemoteCluster): ...
 
 
-class _QueueWriter:
-    """The file `TextModel.streamer` writes to: each write is one text delta for the chat."""
+@dataclass(frozen=True)
+class Trimmed:
+    """A chat's oldest turns were left out so that it fits the context: the first event of that reply."""
 
-    def __init__(self, q: queue.Queue):
-        self.q = q
-
-    def write(self, text: str) -> None:
-        if text:
-            self.q.put(text)
-
-    def flush(self) -> None:
-        pass
-
-
-_DONE = object()
+    turns: int  # messages left out
+    prompt_tokens: int  # what the reply was asked with
 
 
 def last_user_text(messages: list[dict]) -> str:
@@ -260,8 +206,7 @@ class Pool:
         self.progress = Progress()
         self.problem = ""  # the sampler's last error, shown in the UI rather than lost
         self.versions = Versions()
-        self._turns = Turns()
-        self._generating = threading.Lock()  # held while the driver runs a generation
+        self.serving: Serving | None = None  # the engine loop, once an engine is up
         self._closing = threading.Event()
         self._launch_thread: threading.Thread | None = None
         self._launch_lock = threading.Lock()
@@ -352,20 +297,27 @@ class Pool:
 
     def _launch_body(self, build: Callable[[], Engine]) -> None:
         try:
-            with self._turns.turn():  # a relaunch waits for the chat under way, then replaces its engine
-                self._stop_engine()
-                engine = build()
-                self._report("loading shards")
-                engine.cluster.__enter__()
-                if self._closing.is_set():
-                    engine.cluster.close()
-                    return
-                self._measured = engine.cluster.driver.stats()
-                self.engine = engine
-                self._record_plan(engine, self._measured)
+            self._stop_engine("the pool is relaunching")  # replies under way end with that message
+            engine = build()
+            self._report("loading shards")
+            engine.cluster.__enter__()
+            if self._closing.is_set():
+                engine.cluster.close()
+                return
+            self._measured = engine.cluster.driver.stats()
+            self.engine = engine
+            self._record_plan(engine, self._measured)
+            self.serving = Serving(engine.cluster.driver, engine.text, engine.model, self.store,
+                                   Limits(engine.spec.slots, self.config.max_waiting), on_lost=self._lost,
+                                   on_moved=lambda plan: self._record_plan(engine, self._measured, plan),
+                                   sample_now=self.sample_now)
             self._report("ready")
         except Exception as e:  # any failure is the launch's outcome, shown on the page
             self.progress = replace(self.progress, phase="failed", error=describe_error(e))
+
+    def _lost(self, e: BaseException) -> None:
+        """The engine loop stopped (a worker vanished): the page says so until a relaunch."""
+        self.progress = replace(self.progress, phase="failed", error=describe_error(e))
 
     def _build_local(self) -> Engine:
         recipe = self.config.recipe
@@ -409,106 +361,64 @@ class Pool:
         self.store.add_plan(plan, predicted)
         self.versions.plan += 1
 
-    def _stop_engine(self) -> None:
+    def _stop_engine(self, why: str) -> None:
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.close(why)
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.cluster.close()
 
-    # ---- chat
+    # ---- chat and completions
 
-    def _ready_engine(self) -> Engine:
-        engine = self.engine
-        if engine is None or not self.progress.ready:
+    def _serving(self) -> tuple[Engine, Serving]:
+        engine, serving = self.engine, self.serving
+        if engine is None or serving is None or not self.progress.ready:
             p = self.progress
             why = f"failed: {p.error}" if p.phase == "failed" else f"{p.phase} ({p.fraction:.0%})"
             raise PoolNotReady(f"the model is not ready yet: {why}")
-        return engine
+        return engine, serving
+
+    def model_name(self) -> str | None:
+        """The running model's name (what the API lists), None while none runs."""
+        engine = self.engine
+        return None if engine is None else Path(engine.spec.model_dir).name.split(".")[0]
+
+    def text_model(self) -> TextModel:
+        return self._serving()[0].text
+
+    @property
+    def context(self) -> int:
+        return self._serving()[0].spec.context
 
     def waiting(self) -> int:
-        return self._turns.waiting()
+        serving = self.serving
+        return serving.waiting() if serving else 0
+
+    def running(self) -> int:
+        serving = self.serving
+        return serving.running() if serving else 0
+
+    def submit(self, request: Request) -> Ticket:
+        """Queue a request (the API's way in); raises PoolNotReady, PromptTooLong or QueueFull."""
+        return self._serving()[1].submit(request)
 
     def chat(self, messages: list[dict], settings: ChatSettings,
-             should_stop: Callable[[], bool] = lambda: False) -> Iterator[str | Reply]:
-        """Text deltas as they are generated, then one `Reply`. Journalled before it runs."""
-        engine = self._ready_engine()
-        prompt_ids = engine.text.chat_ids(messages)
-        request_id = self.store.add_request(self.config.user, engine.model, len(prompt_ids),
-                                            prompt=last_user_text(messages))
+             should_stop: Callable[[], bool] = lambda: False) -> Iterator[Trimmed | Event]:
+        """A chat reply's events (`Token`s, then `Finished` or `Failed`), after a `Trimmed` when the oldest
+        turns had to be left out to fit the context. Journalled before it runs."""
+        engine, serving = self._serving()
+        ids, dropped = fit_history(engine.text, messages, engine.spec.context, settings.max_new_tokens)
+        if dropped:
+            yield Trimmed(dropped, len(ids))
+        request = Request(ids, settings.sampling(engine.text.stop_token_ids), user=self.config.user,
+                          prompt_text=last_user_text(messages))
+        ticket = serving.submit(request)
         self.versions.requests += 1
-        cancel = threading.Event()  # set when the caller walks away mid-stream
-
-        def stop() -> bool:
-            return cancel.is_set() or should_stop() or self._closing.is_set()
-
         try:
-            with self._turns.turn():
-                engine = self._ready_engine()  # a relaunch may have happened while this request waited
-                yield from self._generate(engine, request_id, prompt_ids, settings, stop, cancel)
-        except GeneratorExit:  # the page went away mid-reply: the generation was stopped
-            self.store.update_request(request_id, status="cancelled", finished=time.time())
-            self.versions.requests += 1
-            raise
-        except BaseException as e:
-            self.store.update_request(request_id, status="failed", error=describe_error(e), finished=time.time())
-            self.versions.requests += 1
-            raise
-
-    def _generate(self, engine: Engine, request_id: str, prompt_ids: list[int], settings: ChatSettings,
-                  stop: Callable[[], bool], cancel: threading.Event) -> Iterator[str | Reply]:
-        params = settings.sampling(engine.text.stop_token_ids)
-        deltas: queue.Queue = queue.Queue()
-        on_token = engine.text.streamer(_QueueWriter(deltas))
-        outcome: dict = {}
-
-        def run() -> None:
-            try:
-                with self._generating:
-                    outcome["gen"] = engine.cluster.driver.generate(prompt_ids, params, on_token=on_token,
-                                                                    should_stop=stop)
-            except BaseException as e:  # handed to the consumer below
-                outcome["error"] = e
-            finally:
-                deltas.put(_DONE)
-
-        started = time.time()
-        self.store.update_request(request_id, status="running", started=started)
-        worker = threading.Thread(target=run, name="llmd-generate", daemon=True)
-        worker.start()
-        try:
-            while (item := deltas.get()) is not _DONE:
-                yield item
+            yield from ticket.events(lambda: should_stop() or self._closing.is_set())
         finally:
-            if worker.is_alive():
-                cancel.set()
-            worker.join()
-        if "error" in outcome:
-            if isinstance(outcome["error"], WorkerLost):
-                self.progress = replace(self.progress, phase="failed", error=describe_error(outcome["error"]))
-            raise outcome["error"]
-        yield self._finish(engine, request_id, outcome["gen"], started)
-
-    def _finish(self, engine: Engine, request_id: str, gen, started: float) -> Reply:
-        finished = time.time()
-        self.sample_now()  # a reading after the end, so the energy integral covers all of the request
-        settings = self.store.settings()
-        traces, estimated = self.store.power_traces(started, finished)
-        cost = costs.request_cost(traces, started, finished, settings, estimated=estimated)
-        status = "cancelled" if gen.finish_reason == "cancelled" else "done"
-        self.store.update_request(request_id, status=status, generated_tokens=len(gen.token_ids),
-                                  ttft_s=gen.prefill_s, decode_tokens_per_s=gen.decode_tokens_per_s,
-                                  energy_j=cost.energy_j, energy_estimated=cost.estimated, cost=cost.total,
-                                  finished=finished)
-        if gen.migrations:
-            self.store.add_migrations(gen.migrations)
-            moved = getattr(engine.cluster.driver, "plan", None)  # the plan epoch the balancer moved to
-            if moved is not None:
-                self._record_plan(engine, self._measured, moved.to_dict())
-        if gen.rank_step_ms:
-            self.store.add_rank_steps(finished, gen.rank_step_ms)
-        self.versions.requests += 1
-        return Reply(request_id, engine.text.decode(gen.token_ids), len(gen.token_ids), gen.prefill_s,
-                     gen.decode_tokens_per_s, gen.finish_reason, cost.energy_j, cost.estimated, cost.total,
-                     settings.currency)
+            self.versions.requests += 1
 
     # ---- peers
 
@@ -646,9 +556,7 @@ class Pool:
         self._closing.set()
         if self._launch_thread is not None:
             self._launch_thread.join(timeout=30)
-        if self._generating.acquire(timeout=30):  # the chat under way sees `_closing` and stops at a step
-            self._generating.release()
-        self._stop_engine()
+        self._stop_engine("the pool is shutting down")
         if self._sampler.is_alive():
             self._sampler.join(timeout=10)
         self.progress = replace(self.progress, phase="stopped")
@@ -678,7 +586,19 @@ def metric_samples(now: float, node: str, metrics: dict, tdp_w: float) -> list[S
     return [Sample(now, node, "cpu", util, 0.0, 0.0, costs.cpu_power_w(util, tdp_w), None, power_estimated=True)]
 
 
-def describe_error(e: BaseException) -> str:
-    """One line for the page: the message of our own errors, the kind and message of anything else."""
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text if isinstance(e, LlmdError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+def fit_history(text: TextModel, messages: list[dict], context: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """The chat's prompt ids, leaving out its oldest turns (the system message kept) until the prompt
+    leaves room for the reply: `max_new_tokens`, but at most half the context. Returns (ids, messages
+    left out). The last message always stays; one alone too long is refused when it is submitted."""
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    rest = messages[len(system):]
+    reserve = min(max(int(max_new_tokens), 1), context // 2)
+    dropped = 0
+    while True:
+        ids = text.chat_ids(system + rest)
+        if len(ids) + reserve <= context or len(rest) <= 1:
+            return ids, dropped
+        cut = 1
+        while cut < len(rest) - 1 and rest[cut].get("role") != "user":  # a turn starts with the user
+            cut += 1
+        rest, dropped = rest[cut:], dropped + cut

@@ -50,6 +50,12 @@ class StoreTooNew(StoreError): ...
 class RequestNotFound(StoreError): ...
 
 
+class KeyExists(StoreError): ...
+
+
+class KeyNotFound(StoreError): ...
+
+
 SAMPLE_PERIOD_S = 1.0  # a raw sample stands for one sampler period
 # Downsampling tiers: (age from which they apply, resolution in seconds).
 TIERS = ((3600.0, 60.0), (86400.0, 900.0))
@@ -132,7 +138,14 @@ def _schema_v2(db: sqlite_utils.Database) -> None:
     db["rank_steps"].create_index(["time"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_schema_v1, _schema_v2]
+def _schema_v3(db: sqlite_utils.Database) -> None:
+    """API keys (hashed), and which key each request came with."""
+    db["requests"].add_column("api_key", str)
+    db["api_keys"].create({"name": str, "hash": str, "created": float, "revoked": float}, pk="name")
+    db["api_keys"].create_index(["hash"], unique=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_schema_v1, _schema_v2, _schema_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -373,12 +386,14 @@ class Store:
     # -- requests, journalled before they run
 
     def add_request(self, user: str, model: str, prompt_tokens: int, prompt: str = "",
-                    created: float | None = None) -> str:
+                    created: float | None = None, api_key: str | None = None) -> str:
+        """`api_key`: the name of the key an API request came with (None: the web page, or an open API)."""
         request_id = uuid.uuid4().hex
         with self._write() as db:
             db["requests"].insert({"id": request_id, "created": time.time() if created is None else created,
                                    "user": user, "model": model, "prompt": prompt, "prompt_tokens": prompt_tokens,
-                                   "generated_tokens": 0, "status": "queued", "energy_estimated": 0})
+                                   "generated_tokens": 0, "status": "queued", "energy_estimated": 0,
+                                   "api_key": api_key})
         return request_id
 
     def update_request(self, request_id: str, **changes: Any) -> None:
@@ -410,6 +425,33 @@ class Store:
         """Queued or running requests, oldest first: what to replay after a restart or a lost worker."""
         rows = self._query("SELECT * FROM requests WHERE status IN ('queued', 'running') ORDER BY created, rowid")
         return [_request_row(r) for r in rows]
+
+    # -- API keys: only a hash of each is kept
+
+    def add_key(self, name: str, key_hash: str) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
+                raise KeyExists(f"a key named {name!r} exists already (revoked keys keep their name)")
+            db["api_keys"].insert({"name": name, "hash": key_hash, "created": time.time(), "revoked": None})
+
+    def revoke_key(self, name: str) -> None:
+        with self._write() as db:
+            cursor = db.execute("UPDATE api_keys SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                                (time.time(), name))
+            if cursor.rowcount == 0:
+                raise KeyNotFound(f"no live key named {name!r}; `llmd keys list` shows them")
+
+    def keys(self) -> list[dict]:
+        """Every key's name, creation and revocation times, oldest first (never the hash)."""
+        return self._query("SELECT name, created, revoked FROM api_keys ORDER BY created, rowid")
+
+    def key_named_by_hash(self, key_hash: str) -> str | None:
+        """The live key with this hash, by name; None when there is none (or it was revoked)."""
+        rows = self._query("SELECT name FROM api_keys WHERE hash = ? AND revoked IS NULL", (key_hash,))
+        return rows[0]["name"] if rows else None
+
+    def any_live_key(self) -> bool:
+        return bool(self._query("SELECT 1 FROM api_keys WHERE revoked IS NULL LIMIT 1"))
 
     # -- plans and migrations
 

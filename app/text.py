@@ -37,19 +37,42 @@ class TextModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def detokenizer(self) -> "Detokenizer":
+        return Detokenizer(self.decode)
+
     def streamer(self, out: TextIO) -> Callable[[int], None]:
         """A callback that prints text as tokens arrive, never splitting a multi-byte character."""
-        ids: list[int] = []
-        shown = 0
+        detok = self.detokenizer()
 
         def on_token(token: int) -> None:
-            nonlocal shown
-            ids.append(token)
-            text = self.decode(ids)
-            if text.endswith("\ufffd"):
-                return  # half of a UTF-8 sequence: wait for the rest
-            out.write(text[shown:])
-            out.flush()
-            shown = len(text)
+            text = detok.add(token)
+            if text:
+                out.write(text)
+                out.flush()
 
         return on_token
+
+
+class Detokenizer:
+    """Text deltas of a reply token by token, in time linear in its length.
+
+    Decoding the whole reply on every token costs quadratic time. Decoding the new token alone is
+    wrong: tokenizers merge spaces and bytes across token boundaries. So, as vLLM and TGI do, decode a
+    short window twice, without and with the new tokens, and emit the difference; the window moves on
+    once a delta is emitted. A delta ending in U+FFFD is half of a UTF-8 character: wait for the rest.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # the window starts here: context for the tokenizer's merging
+        self.read = 0  # text up to here has been emitted
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]

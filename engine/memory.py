@@ -70,3 +70,18 @@ def rank_bytes(cfg: ModelConfig, plan: Plan, rank: int, context: int, slots: int
                act_bytes: int | None = None) -> int:
     act = act_bytes or activation_bytes(weights)
     return shard_weight_bytes(cfg, plan, rank, weights, act) + kv_cache_bytes(cfg, plan, rank, context, slots, act)
+
+
+MAX_DEFAULT_SLOTS = 8
+
+
+def default_slots(cfg: ModelConfig, plan: Plan, context: int, weights: str, act_bytes: int,
+                  free_bytes: list[int]) -> int:
+    """KV slots (sequences decoded at once) when none are asked for: up to MAX_DEFAULT_SLOTS, as many as
+    every rank's device holds beside its weights in half its free memory (`free_bytes` per rank)."""
+    fits = MAX_DEFAULT_SLOTS
+    for rank, free in enumerate(free_bytes):
+        room = free // 2 - shard_weight_bytes(cfg, plan, rank, weights, act_bytes)
+        per_slot = max(kv_cache_bytes(cfg, plan, rank, context, 1, act_bytes), 1)
+        fits = min(fits, room // per_slot)
+    return max(int(fits), 1)

@@ -7,7 +7,9 @@ import pytest
 
 from agents import new_secret, start_agent
 from llmd.app.cli import build_parser
-from llmd.app.pool import ChatSettings, Pool, PoolConfig, PoolNotReady, Progress, Reply
+from llmd.app.pool import (ChatSettings, Failed, Finished, Pool, PoolConfig, PoolNotReady, Progress, Reply, Request,
+                           Token, Trimmed)
+from llmd.engine.sampling import SamplingParams
 from llmd.app.store import Settings, Store
 from llmd.ui.commands import add_up_commands, recipe_for
 from llmd.engine.plan import make_pipeline_plan
@@ -22,7 +24,7 @@ HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 # ---- the view functions
 
 def reply(**kw) -> Reply:
-    base = {"request_id": "r", "text": "Paris.", "tokens": 3, "ttft_s": 0.125, "tokens_per_s": 20.0,
+    base = {"request_id": "r", "text": "Paris.", "tokens": 3, "prompt_tokens": 9, "ttft_s": 0.125, "tokens_per_s": 20.0,
             "finish_reason": "stop", "energy_j": 1.0, "energy_estimated": True, "cost": 0.0, "currency": "EUR"}
     return Reply(**{**base, **kw})
 
@@ -122,7 +124,7 @@ def test_migration_timeline_rows():
 
 def engine_args(*extra: str):
     return build_parser([add_up_commands]).parse_args(["up", "--device", "cpu", "--compile", "off", "--weights", "fp32",
-                                                       "--context", "256", *extra])
+                                                       "--context", "256", "--slots", "4", *extra])
 
 
 def make_pool(tmp_path, workers: int, secret: str = "s") -> Pool:
@@ -159,16 +161,25 @@ def pool(tmp_path_factory):
         p.store.close()
 
 
-def chat(pool: Pool, max_new_tokens: int, should_stop=lambda: False, on_delta=None) -> tuple[str, Reply]:
+def chat(pool: Pool, max_new_tokens: int, should_stop=lambda: False, on_delta=None,
+         messages=HELLO) -> tuple[str, Reply]:
     text, final = "", None
-    for item in pool.chat(HELLO, ChatSettings(max_new_tokens=max_new_tokens, greedy=True), should_stop):
-        if isinstance(item, str):
-            text += item
+    for event in pool.chat(messages, ChatSettings(max_new_tokens=max_new_tokens, greedy=True), should_stop):
+        assert not isinstance(event, Failed), event.error
+        if isinstance(event, Token):
+            text += event.text
             if on_delta:
                 on_delta(text)
-        else:
-            final = item
+        elif isinstance(event, Finished):
+            final = event.reply
     return text, final
+
+
+def wait_status(pool: Pool, request_id: str, status: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (row := {r["id"]: r for r in pool.store.requests()}[request_id])["status"] != status:
+        assert time.monotonic() < deadline, row
+        time.sleep(0.05)
 
 
 def test_chat_before_the_model_is_ready_is_a_clear_error(tmp_path):
@@ -211,23 +222,52 @@ def test_stop_cancels_and_the_row_says_so(pool):
 
 def test_a_chat_abandoned_mid_stream_is_cancelled(pool):
     stream = pool.chat(HELLO, ChatSettings(max_new_tokens=200, greedy=True))
-    assert isinstance(next(stream), str)
+    assert isinstance(next(stream), Token)
     stream.close()
-    assert pool.store.requests()[-1]["status"] == "cancelled"
+    wait_status(pool, pool.store.requests()[-1]["id"], "cancelled")  # released between two steps
     _, r = chat(pool, 4)  # the engine serves the next request as usual
     assert r.tokens == 4
 
 
-def test_requests_wait_their_turn(pool):
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(chat(pool, 6)[1])) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+def events_of(ticket) -> tuple[list[int], Reply]:
+    tokens, reply = [], None
+    for event in ticket.events():
+        assert not isinstance(event, Failed), event.error
+        if isinstance(event, Token) and event.token_id >= 0:
+            tokens.append(event.token_id)
+        elif isinstance(event, Finished):
+            reply = event.reply
+    return tokens, reply
+
+
+def test_chats_share_steps_and_each_gets_the_tokens_it_gets_alone(pool, default_model_dir):
+    """Staggered arrivals, prompts of different lengths, one cancelled mid-stream: every greedy reply is
+    transformers' greedy reply to its own prompt, whatever else ran in the same steps."""
+    text = pool.engine.text
+    prompts = [text.chat_ids([{"role": "user", "content": q}]) for q in
+               ("What is the capital of France?", "Name three colours of the rainbow, please.", "Hi")]
+    def greedy(budget: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=budget, greedy=True, stop_token_ids=text.stop_token_ids)
+
+    first = pool.submit(Request(prompts[0], greedy(10)))
+    second = pool.submit(Request(prompts[1], greedy(7)))
+    doomed = pool.submit(Request(prompts[2], greedy(200)))
+    events, seen = doomed.events(), 0
+    for event in events:  # two tokens in, its reader walks away
+        seen += isinstance(event, Token)
+        if seen == 2:
+            break
+    events.close()
+    third = pool.submit(Request(prompts[2], greedy(5)))  # arrives later
+    results = [events_of(t) for t in (first, second, third)]
+    for (tokens, reply), prompt, budget in zip(results, [prompts[0], prompts[1], prompts[2]], (10, 7, 5)):
+        expected = hf_greedy(default_model_dir, prompt, budget)
+        assert tokens == expected and reply.tokens == len(tokens)
+        assert reply.text == text.decode(tokens)
+    wait_status(pool, doomed.id, "cancelled")
     rows = {r["id"]: r for r in pool.store.requests()}
-    a, b = sorted((rows[r.request_id] for r in results), key=lambda r: r["started"])
-    assert a["finished"] <= b["started"]
+    a, b = rows[first.id], rows[second.id]
+    assert b["started"] < a["finished"] and a["started"] < b["finished"]  # they ran in the same steps
 
 
 def test_samples_and_plan_are_recorded(pool):
@@ -280,7 +320,7 @@ def test_the_balancers_migrations_and_new_plan_are_recorded(tmp_path):
         deadline = time.monotonic() + 300
         while not p.store.migrations():
             assert time.monotonic() < deadline, "no migration recorded within 300 s"
-            r = next(x for x in p.chat(prompt, settings) if isinstance(x, Reply))
+            r = next(x.reply for x in p.chat(prompt, settings) if isinstance(x, Finished))
             assert r.tokens > 16
         events = p.store.migrations()
         assert events and events[0]["from_rank"] == 1 and events[0]["to_rank"] == 0

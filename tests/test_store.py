@@ -67,7 +67,7 @@ def test_default_path_follows_llmd_db_then_xdg(monkeypatch, tmp_path):
 def test_a_new_file_gets_the_schema_in_wal_mode(tmp_path):
     path = tmp_path / "deep" / "folder" / "llmd.db"  # parent folders are created
     with Store(path) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
     con = raw(path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

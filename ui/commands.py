@@ -24,6 +24,7 @@ from llmd.app.net import primary_address
 from llmd.app.pool import Pool, PoolConfig, Recipe
 from llmd.app.store import Store, default_db_path
 from llmd.engine.errors import LlmdError
+from llmd.engine.memory import MAX_DEFAULT_SLOTS
 
 DEFAULT_PORT = 7860
 
@@ -69,6 +70,20 @@ def add_web_options(p: argparse.ArgumentParser) -> None:
                    help="serve the UI to the LAN on --address too; by default only this machine can open it")
     p.add_argument("--db", help="the SQLite store (default: $LLMD_DB, else llmd.db in the user's data folder)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the chat's default reply length (default 256)")
+    p.add_argument("--slots", type=slots_arg, default="auto",
+                   help="sequences generated at once, each with its own KV cache slot (default: up to "
+                        f"{MAX_DEFAULT_SLOTS}, as many as half the free memory holds)")
+    p.add_argument("--max-waiting", type=int, default=32,
+                   help="requests that may wait for a slot before new ones are answered 'busy' (default 32)")
+
+
+def slots_arg(text: str):
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("--slots must be at least 1")
+    return value
 
 
 def cmd_up(args) -> int:
@@ -111,9 +126,11 @@ def bind(address: str, port: int) -> socket.socket:
 def serve(args, local: bool) -> int:
     if args.max_new_tokens < 1:
         raise LlmdError("--max-new-tokens must be at least 1")
+    if args.max_waiting < 0:
+        raise LlmdError("--max-waiting must be 0 or more")
     address = args.address or primary_address()
     config = PoolConfig(node=socket.gethostname(), address=address, secret=cli.host_secret(args),
-                        recipe=recipe_for(args, local))
+                        recipe=recipe_for(args, local), max_waiting=args.max_waiting)
     store = Store(args.db or default_db_path())
     pool = Pool(store, config)
     sock = None

@@ -82,6 +82,12 @@ def reply_stats(r: Reply) -> str:
     return line + (" · stopped" if r.finish_reason == "cancelled" else "")
 
 
+def trimmed_note(t) -> str:
+    """What the page says when a chat's oldest turns were left out to fit the context."""
+    return (f"the oldest {t.turns} message(s) were left out so the chat fits the model's context "
+            f"({t.prompt_tokens} prompt tokens)")
+
+
 def with_stats(text: str, r: Reply) -> str:
     return f"{text}\n\n*{reply_stats(r)}*"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from llmd.app.pool import ChatSettings, Pool
+from llmd.app.pool import ChatSettings, Failed, Finished, Pool, Token, Trimmed
 from llmd.engine.errors import LlmdError
 
 from . import fns
@@ -21,6 +21,7 @@ class Session:
     """One browser tab's state (Gradio copies it per session)."""
 
     stop: bool = False  # the Stop button asks the chat under way to end at the next token
+    chat: int = 0  # which conversation this tab shows: New chat moves on, and the old reply stops
     reveal: bool = False  # the pool secret is shown in the join command
     drawn: dict[str, object] = field(default_factory=dict)  # view -> the version it last drew
 
@@ -57,29 +58,45 @@ class Handlers:
             yield history, gr.skip(), gr.skip()
             return
         session.stop = False
+        session.chat += 1
+        mine = session.chat  # New chat starts another: this reply then stops and writes nothing more
         history = [{"role": m["role"], "content": fns.message_text(m["content"])} for m in history or []]
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, "", "waiting for the engine…"
         settings = ChatSettings(max_new_tokens=int(max_new_tokens or 1), temperature=temperature, top_p=top_p,
                                 top_k=int(top_k), greedy=bool(greedy))
-        text, stats = "", ""
+        text, stats, note = "", "", ""
+        stopped = lambda: session.stop or session.chat != mine  # noqa: E731
         try:
-            for item in self.pool.chat(fns.chat_messages(history[:-1]), settings, lambda: session.stop):
-                if isinstance(item, str):
-                    text += item
+            for event in self.pool.chat(fns.chat_messages(history[:-1]), settings, stopped):
+                if session.chat != mine:
+                    return
+                if isinstance(event, Trimmed):
+                    note = fns.trimmed_note(event)
+                elif isinstance(event, Token):
+                    text += event.text
                     history[-1] = {"role": "assistant", "content": text}
-                    yield history, gr.skip(), "generating…"
-                else:
-                    history[-1] = {"role": "assistant", "content": fns.with_stats(text, item)}
-                    stats = fns.reply_stats(item)
-        except LlmdError as e:
+                    yield history, gr.skip(), note or "generating…"
+                elif isinstance(event, Finished):
+                    history[-1] = {"role": "assistant", "content": fns.with_stats(text, event.reply)}
+                    stats = " · ".join(x for x in (fns.reply_stats(event.reply), note) if x)
+                elif isinstance(event, Failed):
+                    history[-1] = {"role": "assistant", "content": f"*{event.error}*"}
+                    stats = f"error: {event.error}"
+        except LlmdError as e:  # refused before it ran: not ready, busy, a message too long
             history[-1] = {"role": "assistant", "content": f"*{e}*"}
             stats = f"error: {e}"
-        yield history, gr.skip(), stats
+        if session.chat == mine:
+            yield history, gr.skip(), stats
 
     def stop(self, session: Session):
         session.stop = True
         return session
+
+    def new_chat(self, session: Session):
+        """Stop the reply under way at once and start afresh."""
+        session.chat += 1
+        return session, [], ""
 
     # ---- cluster
 
@@ -216,7 +233,7 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
     for trigger in (c["send"].click, c["message"].submit):
         trigger(h.respond, chat_in, chat_out, concurrency_limit=None, show_progress="minimal", **private)
     c["stop"].click(h.stop, [s], [s], concurrency_limit=None, **quiet)
-    c["new_chat"].click(lambda: ([], ""), None, [c["chatbot"], c["reply_stats"]], **quiet)
+    c["new_chat"].click(h.new_chat, [s], [s, c["chatbot"], c["reply_stats"]], concurrency_limit=None, **quiet)
 
     c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
     c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
