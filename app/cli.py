@@ -130,9 +130,48 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true")
     add_network_options(peers)
     add_eval_parser(sub, add_engine_options)
+    add_keys_parser(sub)
     for extend in extensions:  # they set `func` on their parsers
         extend(sub, add_engine_options, add_network_options)
     return parser
+
+
+def add_keys_parser(sub) -> None:
+    keys = sub.add_parser("keys", help="API keys for the OpenAI-compatible API and the web page's login",
+                          description="Make, list and revoke API keys. A key is shown once, at creation, and "
+                                      "stored hashed. Example: llmd keys create alice")
+    actions = keys.add_subparsers(dest="action", required=True)
+    for name, text in (("create", "make a key (printed alone on the last line)"), ("list", "list the keys"),
+                       ("revoke", "revoke a key: requests with it are refused from now on")):
+        action = actions.add_parser(name, help=text)
+        if name != "list":
+            action.add_argument("name", help="whose key: letters, digits, _.@- (e.g. alice, ci-bot)")
+        action.add_argument("--db", help="the SQLite store (default: $LLMD_DB, else llmd.db in the user's data folder)")
+        if name == "list":
+            action.add_argument("--json", action="store_true")
+    keys.set_defaults(func=cmd_keys)
+
+
+def cmd_keys(args) -> int:
+    from .keys import create_key
+    from .store import Store, default_db_path
+
+    with Store(args.db or default_db_path()) as store:
+        if args.action == "create":
+            key = create_key(store, args.name)
+            print(f"API key for {args.name} (shown once; llmd keeps only its hash):", file=sys.stderr)
+            print(key)
+        elif args.action == "revoke":
+            store.revoke_key(args.name)
+            print(f"revoked {args.name}")
+        else:
+            rows = store.keys()
+            if args.json:
+                print(json.dumps(rows))
+            for r in [] if args.json else rows:
+                state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['revoked']))}" if r["revoked"] else "live"
+                print(f"{r['name']:24s} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}  {state}")
+    return 0
 
 
 @dataclass

@@ -12,6 +12,8 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
@@ -114,23 +116,24 @@ class BoundedBody:
     With `require_length`, a body must declare its length (411 otherwise), so one over the cap is refused
     before a byte of it is read."""
 
-    def __init__(self, app, limit: int, require_length: bool = False):
+    def __init__(self, app, limit: int, require_length: bool = False, errors=error):
         self.app, self.limit, self.require_length = app, limit, require_length
+        self.errors = errors  # (status, message, close) -> the answer: one error shape per server
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = declared_length(scope)
         if length is not None and not 0 <= length <= self.limit:
-            return await send_response(send, error(413, f"body over {self.limit} bytes", close=True))
+            return await send_response(send, self.errors(413, f"body over {self.limit} bytes", close=True))
         if length is None and self.require_length and chunked(scope):
-            return await send_response(send, error(411, "a body must declare its Content-Length", close=True))
+            return await send_response(send, self.errors(411, "a body must declare its Content-Length", close=True))
         try:
             body = await read_body(receive, self.limit)
         except BodyTooLarge:
-            return await send_response(send, error(413, f"body over {self.limit} bytes", close=True))
+            return await send_response(send, self.errors(413, f"body over {self.limit} bytes", close=True))
         except TimeoutError:
-            return await send_response(send, error(408, "the body took too long to arrive", close=True))
+            return await send_response(send, self.errors(408, "the body took too long to arrive", close=True))
         except ClientGone:
             return None
         await self.handle(scope, body, replay(body, receive), send)
@@ -240,13 +243,24 @@ class ThreadServer:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class Area:
+    """A part of a site with a body cap and an error shape of its own (the API under /v1)."""
+
+    prefix: str
+    limit: int
+    errors: Callable[..., JSONResponse]
+
+
 class OwnSite:
     """ASGI middleware for the web UI: answer only requests addressed to one of `hosts` (a page on another
     name, as in DNS rebinding, is refused), from no Origin or one of this site's own, on no blocked path
-    (uploads), with bodies capped like any other server's."""
+    (uploads), with bodies capped like any other server's (`areas` cap and answer their paths their way)."""
 
-    def __init__(self, app, hosts: list[str], port: int, blocked: tuple[str, ...] = (), limit: int = 4 << 20):
+    def __init__(self, app, hosts: list[str], port: int, blocked: tuple[str, ...] = (), limit: int = 4 << 20,
+                 areas: tuple[Area, ...] = ()):
         self.app = BoundedBody(app, limit)
+        self.areas = [(a, BoundedBody(app, a.limit, errors=a.errors)) for a in areas]
         self.authorities = {f"{h}:{port}" for h in hosts}
         self.origins = {f"http://{a}" for a in self.authorities}
         self.blocked = blocked
@@ -254,12 +268,13 @@ class OwnSite:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        area, app = next(((a, b) for a, b in self.areas if scope["path"].startswith(a.prefix)), (None, self.app))
         status, why = self.refusal(scope)
         if why is None:
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        return await send_response(send, error(status, why))
+        return await send_response(send, (area.errors if area else error)(status, why))
 
     def refusal(self, scope) -> tuple[int, str | None]:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -28,8 +28,9 @@ from llmd.engine.worker import RankSpec
 from . import costs, inventory
 from .client import AgentRefused, AgentUnreachable
 from .host import Host, NoAgents, RemoteCluster
+from .keys import key_name
 from .launch import Cluster, LocalCluster
-from .serving import (Event, Failed, Finished, Limits, PoolNotReady, Reply, Request, Serving, Ticket, Token,
+from .serving import (Event, Failed, Finished, Limits, PoolNotReady, Reply, Request, Serving, Ticket, Token,  # noqa: F401 (the facade passes on the events)
                       describe_error)
 from .store import Sample, Store, StoreError
 from .text import TextModel
@@ -419,6 +420,10 @@ class Pool:
             yield from ticket.events(lambda: should_stop() or self._closing.is_set())
         finally:
             self.versions.requests += 1
+
+    def login(self, user: str, password: str) -> bool:
+        """The web page's login beyond loopback: a live API key, under its own name."""
+        return key_name(self.store, password or "") == user
 
     # ---- peers
 

@@ -94,6 +94,13 @@ class Ticket:
     def cancel(self) -> None:
         self._cancel()
 
+    def get(self, timeout_s: float) -> Event | None:
+        """The next event, or None if none comes within `timeout_s` (for a caller that polls a client)."""
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
     def events(self, should_stop: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> Iterator[Event]:
         done = False
         try:

@@ -19,7 +19,8 @@ import time
 
 from llmd.app import cli, inventory
 from llmd.app.agent import QuietServer
-from llmd.app.guard import OwnSite, bound_socket, server_config
+from llmd.app.guard import bound_socket, server_config
+from llmd.app.server import build_site
 from llmd.app.net import primary_address
 from llmd.app.pool import Pool, PoolConfig, Recipe
 from llmd.app.store import Store, default_db_path
@@ -27,6 +28,7 @@ from llmd.engine.errors import LlmdError
 from llmd.engine.memory import MAX_DEFAULT_SLOTS
 
 DEFAULT_PORT = 7860
+LOGIN_MESSAGE = "Log in with an API key: its name as the user, the key as the password (llmd keys create NAME)."
 
 
 def add_up_commands(sub, add_engine_options, add_network_options) -> None:
@@ -162,11 +164,14 @@ def run_web(args, pool: Pool, sock: socket.socket, address: str) -> None:
     port = sock.getsockname()[1]
     admin = Admin()
     blocks = create_ui(pool, admin, UiOptions(max_new_tokens=args.max_new_tokens))
-    app = FastAPI(title="llmd", openapi_url=None, docs_url=None, redoc_url=None)
-    add_login(app, admin)
-    app = gr.mount_gradio_app(app, blocks, path="/")
-    hosts = ["127.0.0.1", "localhost", *([address] if args.listen else [])]
-    site = OwnSite(app, hosts, port, blocked=("/gradio_api/upload", "/upload"))
+
+    def mount(app: FastAPI) -> FastAPI:
+        add_login(app, admin)
+        # Beyond loopback the page asks for a login: an API key's name and the key (`llmd keys create`).
+        login = {"auth": pool.login, "auth_message": LOGIN_MESSAGE} if args.listen else {}
+        return gr.mount_gradio_app(app, blocks, path="/", **login)
+
+    site = build_site(pool, port, args.listen, address, mount)
     server = QuietServer(server_config(site, timeout_graceful_shutdown=3))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
@@ -180,4 +185,5 @@ def announce(server, url: str, admin_link: str) -> None:
         time.sleep(0.05)
     if server.started:
         print(f"llmd: UI at {url}", flush=True)
+        print(f"llmd: OpenAI-compatible API at {url}/v1", flush=True)
         print(f"llmd: admin link (reveal the secret, join, drop, relaunch, prices): {admin_link}", flush=True)
