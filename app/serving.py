@@ -159,6 +159,7 @@ class Serving:
         self.live: dict[str, Live] = {}
         self.problem: str = ""  # why the loop stopped, once it has
         self.journal_problem: str = ""  # the last failure to journal a finished request
+        self.version = 0  # bumped when a request is journalled or ends, so live views know to redraw
         self._lock = threading.Condition()
         self._closing = False
         self._events_seen = 0
@@ -186,6 +187,7 @@ class Serving:
                     raise PoolNotReady(f"the model is not serving: {self.problem or 'shutting down'}")
                 self.scheduler.submit(seq)
                 self.live[request_id] = live
+                self.version += 1
                 self._lock.notify_all()
         except LlmdError as e:
             self.store.update_request(request_id, status="failed", error=str(e), finished=time.time())
@@ -315,6 +317,7 @@ class Serving:
             reply = Reply(seq.id, live.text, len(seq.generated), len(seq.prompt), 0.0, 0.0,
                           seq.finish_reason or "cancelled", 0.0, True, 0.0, "")
             self.journal_problem = f"journal: {describe_error(e)}"
+        self.version += 1
         live.ticket.put(Finished(reply))
 
     def _journal(self, seq: Sequence, live: Live) -> Reply:

@@ -70,7 +70,7 @@ def cluster_tab(c: dict, pool: Pool) -> None:
         c["peer_pick"] = gr.Dropdown([], label="agent", allow_custom_value=True, elem_id="peer-pick", scale=3)
         c["join"] = gr.Button("Join", variant="primary", elem_id="join", scale=1)
         c["drop"] = gr.Button("Drop", elem_id="drop", scale=1)
-        label = "Relaunch (applies joins and drops)" if pool.config.recipe.local else "Launch on joined agents"
+        label = "Relaunch (applies joins and drops)" if pool.launches_locally else "Launch on joined agents"
         c["relaunch"] = gr.Button(label, elem_id="relaunch", scale=1)
     c["cluster_note"] = gr.Markdown(elem_id="cluster-note")
     gr.Markdown("**Add a workstation**: run this on it (the pool secret signs every control request; keep it "

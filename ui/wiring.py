@@ -137,7 +137,7 @@ class Handlers:
 
     def join_command(self, session: Session):
         label = "Hide secret" if session.reveal else "Reveal secret"
-        return session, fns.join_command(self.pool.config.secret, session.reveal), gr.update(value=label)
+        return session, fns.join_command(self.pool.join_secret(), session.reveal), gr.update(value=label)
 
     def reveal(self, session: Session, request: gr.Request):
         if not self.admin.allows(request):
@@ -152,7 +152,7 @@ class Handlers:
         if not live or not session.changed("gpus", (self.pool.versions.samples, window)):
             return (session, *skip(5))
         rows = self.pool.recent_samples(float(window or 300))
-        names = {(g["node"], g["device"]): g["name"] for g in self.pool.store.gpus()}
+        names = {(g["node"], g["device"]): g["name"] for g in self.pool.gpus()}
         frame = fns.samples_frame(rows)
         plots = [fns.metric_frame(frame, m) for m in ("utilisation", "memory_used_mb", "power_w", "temperature_c")]
         return (session, fns.devices_frame(rows, names), *plots)
@@ -162,10 +162,10 @@ class Handlers:
     def plan(self, session: Session, live: bool):
         if not live or not session.changed("plan", (self.pool.versions.plan, self.pool.versions.requests)):
             return (session, *skip(4))
-        entry = self.pool.store.latest_plan()
+        entry = self.pool.latest_plan()
         if entry is None:
             return session, fns.plan_summary(None), "", gr.skip(), gr.skip()
-        requests = self.pool.store.requests(since=entry["time"])
+        requests = self.pool.requests(since=entry["time"])
         return (session, fns.plan_summary(entry), fns.plan_heatmap_html(entry["plan"]),
                 fns.shares_frame(entry["plan"]), fns.prediction_frame(entry, requests))
 
@@ -174,7 +174,7 @@ class Handlers:
     def balancer(self, session: Session, live: bool):
         if not live or not session.changed("balancer", self.pool.versions.requests):
             return (session, *skip(3))
-        events, steps = self.pool.store.migrations(), self.pool.store.rank_steps(since=time.time() - 86400)
+        events, steps = self.pool.migrations(), self.pool.rank_steps(since=time.time() - 86400)
         return session, fns.balancer_note(events, steps), fns.migrations_frame(events), fns.rank_steps_frame(steps)
 
     # ---- costs
@@ -183,20 +183,20 @@ class Handlers:
         version = (self.pool.versions.requests, self.pool.versions.settings)
         if not live or not session.changed("costs", version):
             return (session, *skip(4))
-        requests, settings = self.pool.store.requests(since=time.time() - 86400), self.pool.store.settings()
+        requests, settings = self.pool.requests(since=time.time() - 86400), self.pool.settings()
         frame = fns.cost_frame(requests, settings)
         return (session, fns.cost_markdown(requests, settings), frame[["time", "cost_per_million"]].dropna(),
                 frame[["time", "tokens_per_s"]], fns.requests_frame(requests, settings))
 
     def price_form(self):
-        s = self.pool.store.settings()
+        s = self.pool.settings()
         return s.electricity_per_kwh, s.currency, fns.format_node_prices(s.node_hourly), s.cpu_tdp_w
 
     def save_prices(self, price, currency, node_prices, tdp, request: gr.Request):
         if not self.admin.allows(request):
             return f"Not saved. {REFUSED}"
         try:
-            settings = fns.settings_from_form(price, currency, node_prices, tdp, self.pool.store.settings())
+            settings = fns.settings_from_form(price, currency, node_prices, tdp, self.pool.settings())
         except ValueError as e:
             return f"Not saved: {e}"
         self.pool.save_settings(settings)

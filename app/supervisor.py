@@ -1,0 +1,382 @@
+"""The pool's machinery: this machine's agent child, discovery of the others, and the engine launched
+in the background with its progress, replaced on relaunch and reported failed when a worker is lost.
+
+Once an engine is up it hands it to a `Serving` loop (app/serving.py); the supervisor only starts, stops
+and replaces them.
+"""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.errors import LlmdError
+from llmd.engine.partition import Device, plan_partition
+from llmd.engine.presets import DEVICE_KINDS
+from llmd.engine.worker import RankSpec
+
+from .host import Host, NoAgents, RemoteCluster
+from .launch import Cluster, LocalCluster
+from .serving import Limits, Serving, describe_error
+from .store import Store
+from .text import TextModel
+
+
+class PoolBusy(LlmdError): ...
+
+
+# How far along a launch is when it enters each phase (the UI draws a bar from it).
+PHASES = {"waiting": 0.0, "resolving the model": 0.05, "starting workers": 0.15, "loading shards": 0.3,
+          "warming up": 0.8, "ready": 1.0}
+PEERS_EVERY = 5  # sampler ticks between two records of the peer table
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str = "waiting"  # a key of PHASES, or "failed" / "stopped"
+    fraction: float = 0.0
+    error: str = ""
+    since: float = field(default_factory=time.time)  # when the current launch began
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def busy(self) -> bool:
+        return self.phase not in ("waiting", "ready", "failed", "stopped")
+
+
+@dataclass(frozen=True)
+class RankDevice:
+    rank: int
+    node: str
+    device: str  # "cpu" or "cuda:N"
+
+
+@dataclass
+class Engine:
+    """A launched engine: its driver runs chats once `cluster` is entered."""
+
+    model: str
+    text: TextModel
+    spec: RankSpec
+    cluster: Cluster
+    devices: list[RankDevice]
+
+
+@dataclass
+class Setup:
+    """What `Recipe.prepare` returns (the CLI's own `Setup` has these fields)."""
+
+    spec: RankSpec
+    world_size: int
+    text: TextModel
+    balancer: object | None = None  # engine.balancer.BalancerConfig, None: no balancing
+
+
+@dataclass
+class Recipe:
+    """How to build an engine; the CLI supplies these so its option checks stay in one place."""
+
+    model: str  # as the user gave it: "default", a directory or a .gguf file
+    prepare: Callable[[int | None, bool], Setup]  # (world size, ranks 1.. on agents) -> resolved model and spec
+    check_fit: Callable[[Setup, list[tuple[str, str, int]]], None]  # raises ModelDoesNotFit
+    local: bool = False  # `llmd up`: every rank on this machine; `llmd host`: on the joined agents
+    local_workers: int | None = None  # None: as many as the plan file has
+
+
+@dataclass
+class PoolConfig:
+    node: str  # this machine's name in the pool
+    address: str  # its LAN address: mDNS, the agents' control calls, the engine's rendezvous
+    secret: str
+    recipe: Recipe
+    user: str = "web"
+    sample_period_s: float = 1.0
+    max_waiting: int = 32  # requests queued beyond the free KV slots before new ones are told "busy"
+
+
+class _Reports:
+    """Reports launch phases from inside `Cluster.start` (rank 0 loads between these two hooks)."""
+
+    report: Callable[[str], None]
+
+    def start_other_ranks(self, address: str, port: int) -> None:
+        self.report("starting workers")
+        super().start_other_ranks(address, port)
+        self.report("loading shards")
+
+    def after_connect(self) -> None:
+        super().after_connect()
+        self.report("warming up")
+
+
+class ReportingLocalCluster(_Reports, LocalCluster): ...
+
+
+class ReportingRemoteCluster(_Reports, RemoteCluster): ...
+
+
+def planner_device(node: str, device: str, name: str = "") -> Device | None:
+    """The planner's view of one rank's device: CPU from the kind table, a GPU when its name is known."""
+    if device == "cpu":
+        kind = DEVICE_KINDS["cpu"]
+    else:
+        simple = name.lower().replace(" ", "").replace("-", "")
+        kind = next((k for k in DEVICE_KINDS.values() if k.name != "cpu" and k.name.replace("-", "") in simple), None)
+        if kind is None:
+            return None
+    return Device(host=node, kind=kind.name, memory_gb=kind.memory_gb, bandwidth_gb_s=kind.bandwidth_gb_s,
+                  tflops=kind.tflops)
+
+
+def predict(cfg: ModelConfig, devices: list[Device], context: int, precision: str) -> dict:
+    p = plan_partition(cfg, devices, precision=precision, context=context)
+    return {**p.predicted, "prompt_tokens": 512, "weights_gb": [m.weights_gb for m in p.memory_per_device],
+            "memory_gb": [m.total_gb for m in p.memory_per_device],
+            "devices": [f"{d.host} {d.kind}" for d in devices]}
+
+
+def _die_with_parent() -> None:
+    """In the agent child: end with SIGTERM when `llmd up` dies, however it dies (Linux only)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Supervisor:
+    """Starts the agent child and discovery, launches engines and runs them under `Serving`."""
+
+    def __init__(self, store: Store, config: PoolConfig, sample_now: Callable[[], None] = lambda: None,
+                 gpu_names: Callable[[], dict[str, str]] = dict):
+        self.store, self.config = store, config
+        self.sample_now, self.gpu_names = sample_now, gpu_names
+        self.host: Host | None = None
+        self.agent: subprocess.Popen | None = None
+        self.engine: Engine | None = None
+        self.serving: Serving | None = None  # the engine loop, once an engine is up
+        self.progress = Progress()
+        self.problem = ""  # this machine's agent exited
+        self.plan_version = 0  # bumped on every plan recorded
+        self._closing = threading.Event()
+        self._launch_thread: threading.Thread | None = None
+        self._launch_lock = threading.Lock()
+        self._local_agent_joined = False
+        self._measured: list[dict] = []  # each rank's weights and peak memory, read once the engine is up
+
+    def start(self, local_agent_devices: str | None = None, local_agent: bool = True) -> None:
+        """The agent child first (before any thread of ours exists), then discovery."""
+        if local_agent:
+            self.start_local_agent(local_agent_devices)
+        self.host = Host(self.config.secret, self.config.address)
+
+    def start_local_agent(self, devices: str | None) -> None:
+        argv = [sys.executable, "-m", "llmd", "agent", "--name", self.config.node,
+                "--address", self.config.address]
+        if devices:
+            argv += ["--devices", devices]
+        env = dict(os.environ, LLMD_POOL_SECRET=self.config.secret)
+        linux = sys.platform.startswith("linux")
+        # `start` runs this before any thread of ours exists, which is what makes preexec_fn safe here.
+        self.agent = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent if linux else None)
+
+    # ---- launching the engine in the background
+
+    def launch_local(self) -> None:
+        """`llmd up`: every rank on this machine."""
+        self._launch(self._build_local)
+
+    def launch_on_joined(self) -> None:
+        """`llmd host`: rank 0 here, ranks 1.. on the joined agents' devices."""
+        self._launch(self._build_remote)
+
+    def relaunch(self) -> None:
+        """Apply the Cluster tab's joins: over the joined agents when one on another machine is joined,
+        else (`llmd up`) on this machine's workers again."""
+        remote = [p for p in self.peers() if p["joined"] and not p["local"]]
+        if self.config.recipe.local and not remote:
+            self.launch_local()
+        else:
+            self.launch_on_joined()
+
+    def _launch(self, build: Callable[[], Engine]) -> None:
+        with self._launch_lock:
+            if self.progress.busy:
+                raise PoolBusy(f"a launch is already under way ({self.progress.phase})")
+            self.progress = Progress("resolving the model", PHASES["resolving the model"])
+            self._launch_thread = threading.Thread(target=self._launch_body, args=(build,), name="llmd-launch",
+                                                   daemon=True)
+            self._launch_thread.start()
+
+    def expect_agents(self, count: int, timeout_s: float) -> None:
+        """`llmd host --expect N`: join the first N agents that answer, then launch on them."""
+
+        def body() -> None:
+            found = self.host.wait_for_peers(count, timeout_s)
+            if len(found) < count:
+                self.progress = Progress("failed", error=f"found {len(found)} agent(s) answering within "
+                                                         f"{timeout_s:g} s, expected {count}")
+                return
+            for s in found[:count]:
+                self.host.join(s.peer.key)
+            self.launch_on_joined()
+
+        threading.Thread(target=body, name="llmd-expect", daemon=True).start()
+
+    def _report(self, phase: str) -> None:
+        self.progress = replace(self.progress, phase=phase, fraction=PHASES[phase])
+
+    def _launch_body(self, build: Callable[[], Engine]) -> None:
+        try:
+            self._stop_engine("the pool is relaunching")  # replies under way end with that message
+            engine = build()
+            self._report("loading shards")
+            engine.cluster.__enter__()
+            if self._closing.is_set():
+                engine.cluster.close()
+                return
+            self._measured = engine.cluster.driver.stats()
+            self.engine = engine
+            self._record_plan(engine, self._measured)
+            self.serving = Serving(engine.cluster.driver, engine.text, engine.model, self.store,
+                                   Limits(engine.spec.slots, self.config.max_waiting), on_lost=self._lost,
+                                   on_moved=lambda plan: self._record_plan(engine, self._measured, plan),
+                                   sample_now=self.sample_now)
+            self._report("ready")
+        except Exception as e:  # any failure is the launch's outcome, shown on the page
+            self.progress = replace(self.progress, phase="failed", error=describe_error(e))
+
+    def _lost(self, e: BaseException) -> None:
+        """The engine loop stopped (a worker vanished): the page says so until a relaunch."""
+        self.progress = replace(self.progress, phase="failed", error=describe_error(e))
+
+    def _build_local(self) -> Engine:
+        recipe = self.config.recipe
+        setup = recipe.prepare(recipe.local_workers, False)
+        cluster = ReportingLocalCluster(setup.spec, setup.world_size, setup.balancer)
+        cluster.report = self._report
+        device = "cpu" if setup.spec.device == "cpu" else "cuda"
+        devices = [RankDevice(r, self.config.node, device if device == "cpu" else f"cuda:{r}")
+                   for r in range(setup.world_size)]
+        return Engine(recipe.model, setup.text, setup.spec, cluster, devices)
+
+    def _build_remote(self) -> Engine:
+        recipe = self.config.recipe
+        joined = [s for s in self.host.peers() if s.joined and s.health == "ok"]
+        if not joined:
+            raise NoAgents("no joined agent answers: join at least one in the Cluster tab")
+        health = [(s, self.host.client(s.peer).get("/v1/health")) for s in joined]
+        agents = [(self.host.client(s.peer), h["devices"]) for s, h in health]
+        setup = recipe.prepare(1 + sum(len(d) for _, d in agents), True)
+        recipe.check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
+                                 for d, f in zip(h["devices"], h["device_free_mb"], strict=True)])
+        cluster = ReportingRemoteCluster(setup.spec, recipe.model, agents, self.config.address, setup.balancer)
+        cluster.report = self._report
+        devices = [RankDevice(0, self.config.node, setup.spec.device)]
+        devices += [RankDevice(len(devices) + i, s.peer.advert.name, d)
+                    for s, h in health for i, d in enumerate(h["devices"])]
+        devices = [replace(d, rank=r) for r, d in enumerate(devices)]
+        return Engine(recipe.model, setup.text, setup.spec, cluster, devices)
+
+    def _record_plan(self, engine: Engine, measured: list[dict], plan: dict | None = None) -> None:
+        """The plan (the balancer's latest when given) with what the planner predicts for it."""
+        cfg = ModelConfig.from_hf(load_hf_config(Path(engine.spec.model_dir)))
+        names = self.gpu_names()
+        planner = [planner_device(d.node, d.device, names.get(d.device, "")) for d in engine.devices]
+        precision = engine.spec.weights
+        predicted = predict(cfg, planner, engine.spec.context, precision) if all(planner) else None
+        plan = {**(plan or engine.spec.plan), "model": Path(engine.spec.model_dir).name, "num_layers": cfg.num_layers,
+                "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+                "intermediate_size": cfg.intermediate_size, "devices": [asdict(d) for d in engine.devices],
+                "measured": measured}
+        self.store.add_plan(plan, predicted)
+        self.plan_version += 1
+
+    def _stop_engine(self, why: str) -> None:
+        serving, self.serving = self.serving, None
+        if serving is not None:
+            serving.close(why)
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.cluster.close()
+
+    # ---- peers
+
+    def peers(self) -> list[dict]:
+        """The peer table, with `local` marking this machine's own agent."""
+        if self.host is None:
+            return []
+        return [{**s.to_dict(), "local": self._is_local(s.peer.advert)} for s in self.host.peers()]
+
+    def _is_local(self, advert) -> bool:
+        return advert.name == self.config.node and advert.address == self.config.address
+
+    def join(self, name: str) -> dict:
+        status = self.host.join(name)
+        self._record_peers()
+        return status.to_dict()
+
+    def drop(self, name: str) -> dict:
+        status = self.host.drop(name)
+        self._record_peers()
+        return status.to_dict()
+
+    def _record_peers(self) -> None:
+        for s in self.host.peers():
+            a = s.peer.advert
+            if self.agent is not None and not self._local_agent_joined and self._is_local(a) and s.health == "ok":
+                s.joined = self._local_agent_joined = True  # its devices already run the local engine
+            self.store.upsert_node(a.agent_id, a.name, a.address, a.port, s.joined,
+                                   [{"summary": a.devices, "count": a.device_count, "free_mb": a.free_mb,
+                                     "health": s.health}])
+
+    def each_tick(self, tick: int) -> None:
+        """The sampler's periodic checks: this machine's agent, and the peer table every few ticks."""
+        self._check_agent()
+        if tick % PEERS_EVERY == 0:
+            self._record_peers()
+
+    def _check_agent(self) -> None:
+        code = None if self.agent is None else self.agent.poll()
+        self.problem = "" if code is None else (f"this machine's agent exited with code {code}: other hosts no "
+                                                "longer see it (the local engine keeps running)")
+
+    def describe(self) -> str:
+        """What is running, for the status line: e.g. "SmolLM2-135M-Instruct, int8 weights, on 2 rank(s) (vm cpu x2)"."""
+        engine = self.engine
+        if engine is None:
+            return ""
+        where: dict[str, int] = {}
+        for d in engine.devices:
+            where[f"{d.node} {d.device}"] = where.get(f"{d.node} {d.device}", 0) + 1
+        spread = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in where.items())
+        name = Path(engine.spec.model_dir).name.split(".")[0]
+        return f"{name}, {engine.spec.weights} weights, on {len(engine.devices)} rank(s) ({spread})"
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._launch_thread is not None:
+            self._launch_thread.join(timeout=30)
+        self._stop_engine("the pool is shutting down")
+        self.progress = replace(self.progress, phase="stopped")
+        self._stop_agent()
+        if self.host is not None:
+            self.host.close()
+
+    def _stop_agent(self) -> None:
+        if self.agent is None or self.agent.poll() is not None:
+            return
+        self.agent.terminate()  # it unregisters its mDNS record on SIGTERM
+        try:
+            self.agent.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.agent.kill()
+            self.agent.wait()
