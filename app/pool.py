@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmd.engine.sampling import SamplingParams
 
-from .keys import key_name
+from .keys import create_key, key_name
 from .serving import Event, Failed, Finished, PoolNotReady, Reply, Request, Ticket, Token
 from .store import Settings, Store
 from .supervisor import Engine, PoolConfig, Progress, Recipe, Supervisor
@@ -172,6 +172,21 @@ class Pool:
             yield from ticket.events(lambda: should_stop() or self.progress.phase == "stopped")
         finally:
             self._chats += 1
+
+    # ---- API keys
+
+    def create_key(self, name: str) -> str:
+        """A new API key for `name`, returned once (the store keeps its hash)."""
+        key = create_key(self.store, name)
+        self._settings += 1
+        return key
+
+    def revoke_key(self, name: str) -> None:
+        self.store.revoke_key(name)
+        self._settings += 1
+
+    def keys(self) -> list[dict]:
+        return self.store.keys()
 
     def login(self, user: str, password: str) -> bool:
         """The web page's login beyond loopback: a live API key, under its own name."""

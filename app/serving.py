@@ -337,7 +337,8 @@ class Serving:
         status = "cancelled" if reason == "cancelled" else "done"
         self.store.update_request(seq.id, status=status, generated_tokens=tokens, ttft_s=ttft,
                                   decode_tokens_per_s=tps, energy_j=cost.energy_j, energy_estimated=cost.estimated,
-                                  cost=cost.total, finished=finished, **({} if live.started else {"started": started}))
+                                  cost=cost.total, finished=finished, busy_s=live.busy_s,
+                                  **({} if live.started else {"started": started}))
         if live.started:
             self.store.add_rank_steps(finished, [round(t.recent_ms, 3) for t in self.driver.times(reset_sent=False)])
         return Reply(seq.id, live.text, tokens, len(seq.prompt), ttft, tps, reason, cost.energy_j, cost.estimated,

@@ -62,7 +62,7 @@ TIERS = ((3600.0, 60.0), (86400.0, 900.0))
 KEEP_S = 30 * 86400.0  # samples older than this are dropped
 REQUEST_STATUSES = ("queued", "running", "done", "cancelled", "failed")
 REQUEST_FIELDS = ("status", "started", "generated_tokens", "ttft_s", "decode_tokens_per_s", "energy_j",
-                  "energy_estimated", "cost", "error", "finished")
+                  "energy_estimated", "cost", "error", "finished", "busy_s")
 MIGRATION_COLUMNS = ("time", "step", "epoch", "layers", "kv_groups", "mlp_columns", "from_rank", "to_rank",
                      "reason", "step_ms_before", "step_ms_after", "duration_s", "bytes_moved")
 MIGRATION_JSON = ("layers", "kv_groups", "mlp_columns")
@@ -139,8 +139,10 @@ def _schema_v2(db: sqlite_utils.Database) -> None:
 
 
 def _schema_v3(db: sqlite_utils.Database) -> None:
-    """API keys (hashed), and which key each request came with."""
+    """API keys (hashed), which key each request came with, and each request's busy seconds (its share of
+    the steps it was batched in: what its node-hour cost is counted on)."""
     db["requests"].add_column("api_key", str)
+    db["requests"].add_column("busy_s", float)
     db["api_keys"].create({"name": str, "hash": str, "created": float, "revoked": float}, pk="name")
     db["api_keys"].create_index(["hash"], unique=True)
 

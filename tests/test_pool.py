@@ -99,6 +99,18 @@ def test_costs_follow_the_prices_from_stored_energy_and_time():
     assert fns.requests_frame(requests, dear)["cost EUR"][0] == "3.000000"
 
 
+def test_cost_per_key_counts_each_keys_requests_and_a_batched_request_pays_its_share_of_node_hours():
+    rented = Settings(electricity_per_kwh=0.0, node_hourly={"ws1": 3600.0})  # 1 a second
+    alone = {**finished_request(0.0, 10.0, 100), "api_key": "alice", "busy_s": 10.0}
+    batched = {**finished_request(0.0, 10.0, 100), "api_key": "alice", "busy_s": 2.5}  # a quarter of 4 rows
+    web = {**finished_request(0.0, 10.0, 50), "api_key": None, "user": "web", "busy_s": None}
+    table = fns.cost_by_key([alone, batched, web], rented)
+    rows = {r["key"]: r for r in table.to_dict("records")}
+    assert rows["alice"]["requests"] == 2 and rows["alice"]["tokens"] == 200
+    assert float(rows["alice"]["cost EUR"]) == pytest.approx(10.0 + 2.5)
+    assert float(rows["web page"]["cost EUR"]) == pytest.approx(10.0)  # no share recorded: all of the time
+
+
 def test_price_form_is_checked():
     assert fns.parse_node_prices("ws1=0.5, ws2 = 1.25") == {"ws1": 0.5, "ws2": 1.25}
     with pytest.raises(ValueError, match="ws1"):

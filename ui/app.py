@@ -122,6 +122,8 @@ def costs_tab(c: dict) -> None:
         c["tps_plot"] = gr.ScatterPlot(x="time", y="tokens_per_s", title="tokens/s (per minute)", elem_id="tps-plot",
                                     height=240)
     c["requests"] = gr.Dataframe(elem_id="requests", interactive=False, label="recent requests")
+    c["cost_by_key"] = gr.Dataframe(elem_id="cost-by-key", interactive=False,
+                                    label="the last day's requests and cost per API key")
     with gr.Accordion("Prices", open=True, elem_id="prices"):
         with gr.Row():
             c["price"] = gr.Number(label="electricity per kWh", minimum=0, elem_id="price")
@@ -131,3 +133,12 @@ def costs_tab(c: dict) -> None:
             c["tdp"] = gr.Number(label="CPU TDP, W (for the CPU power estimate)", minimum=1, elem_id="tdp")
         c["save_prices"] = gr.Button("Save prices", variant="primary", elem_id="save-prices")
         c["prices_note"] = gr.Markdown(elem_id="prices-note")
+    with gr.Accordion("API keys", open=False, elem_id="api-keys"):
+        gr.Markdown("Keys for the OpenAI-compatible API at `/v1` (and the page's login with `--listen`). "
+                    "A key is shown once, when it is made; only its hash is kept.")
+        c["keys"] = gr.Dataframe(elem_id="keys", interactive=False, label="keys")
+        with gr.Row():
+            c["key_name"] = gr.Textbox(label="name", max_lines=1, elem_id="key-name", scale=3)
+            c["key_create"] = gr.Button("Create key", variant="primary", elem_id="key-create", scale=1)
+            c["key_revoke"] = gr.Button("Revoke key", elem_id="key-revoke", scale=1)
+        c["key_note"] = gr.Markdown(elem_id="key-note")

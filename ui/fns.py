@@ -307,6 +307,36 @@ def balancer_note(events: list[dict], steps: list[dict]) -> str:
 
 # ---- costs
 
+def time_share(r: dict) -> float:
+    """A request's share of the pool's time while it ran (batched with others: less than 1)."""
+    busy, start = r.get("busy_s"), r.get("started") or r["created"]
+    span = r["finished"] - start
+    return 1.0 if busy is None or span <= 0 else min(busy / span, 1.0)
+
+
+def cost_by_key(requests: list[dict], settings: Settings) -> pd.DataFrame:
+    """Finished requests' tokens and cost per API key (the web page's chats under "web page")."""
+    cols = ["key", "requests", "tokens", f"cost {settings.currency}", f"per 1M tokens {settings.currency}"]
+    totals: dict[str, list] = {}
+    for r in recost([r for r in requests if r.get("finished") is not None], settings):
+        t = totals.setdefault(r.get("api_key") or ("web page" if r.get("user") == "web" else r.get("user") or "api"),
+                              [0, 0, 0.0])
+        t[0], t[1], t[2] = t[0] + 1, t[1] + (r["generated_tokens"] or 0), t[2] + (r.get("cost") or 0.0)
+    rows = [[k, n, tokens, f"{cost:.6f}", per_million_text(costs.cost_per_million_tokens(cost, tokens))]
+            for k, (n, tokens, cost) in sorted(totals.items())]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def per_million_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def keys_frame(keys: list[dict]) -> pd.DataFrame:
+    rows = [[k["name"], _clock(k["created"]), "revoked " + _clock(k["revoked"]) if k["revoked"] else "live"]
+            for k in keys]
+    return pd.DataFrame(rows, columns=["name", "created", "state"])
+
+
 def recost(requests: list[dict], settings: Settings) -> list[dict]:
     """Each request's cost at today's prices, from its stored energy and duration."""
     out = []
@@ -315,7 +345,7 @@ def recost(requests: list[dict], settings: Settings) -> list[dict]:
             out.append(r)
             continue
         start = r.get("started") or r["created"]
-        c = costs.request_cost({}, start, r["finished"], settings)
+        c = costs.request_cost({}, start, r["finished"], settings, share=time_share(r))
         energy_cost = (r.get("energy_j") or 0.0) / costs.J_PER_KWH * settings.electricity_per_kwh
         out.append({**r, "cost": energy_cost + c.node_cost})
     return out

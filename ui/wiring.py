@@ -182,11 +182,31 @@ class Handlers:
     def costs(self, session: Session, live: bool):
         version = (self.pool.versions.requests, self.pool.versions.settings)
         if not live or not session.changed("costs", version):
-            return (session, *skip(4))
+            return (session, *skip(6))
         requests, settings = self.pool.requests(since=time.time() - 86400), self.pool.settings()
         frame = fns.cost_frame(requests, settings)
         return (session, fns.cost_markdown(requests, settings), frame[["time", "cost_per_million"]].dropna(),
-                frame[["time", "tokens_per_s"]], fns.requests_frame(requests, settings))
+                frame[["time", "tokens_per_s"]], fns.requests_frame(requests, settings),
+                fns.cost_by_key(requests, settings), fns.keys_frame(self.pool.keys()))
+
+    def create_key(self, name: str, request: gr.Request):
+        if not self.admin.allows(request):
+            return gr.skip(), REFUSED
+        try:
+            key = self.pool.create_key((name or "").strip())
+        except LlmdError as e:
+            return gr.skip(), f"No key made: {e}"
+        return (fns.keys_frame(self.pool.keys()),
+                f"Key for **{name.strip()}**, shown this once (copy it now):\n\n`{key}`")
+
+    def revoke_key(self, name: str, request: gr.Request):
+        if not self.admin.allows(request):
+            return gr.skip(), REFUSED
+        try:
+            self.pool.revoke_key((name or "").strip())
+        except LlmdError as e:
+            return gr.skip(), f"Not revoked: {e}"
+        return fns.keys_frame(self.pool.keys()), f"Revoked {name.strip()}: requests with it are refused from now on."
 
     def price_form(self):
         s = self.pool.settings()
@@ -217,7 +237,8 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
         (h.cluster, [s, live], [s, c["peers"], c["peer_pick"]], c["slow"]),
         (h.plan, [s, live], [s, c["plan_summary"], c["plan_heatmap"], c["plan_bars"], c["prediction"]], c["slow"]),
         (h.balancer, [s, live], [s, c["balancer_note"], c["migrations"], c["rank_steps"]], c["slow"]),
-        (h.costs, [s, live], [s, c["cost_summary"], c["cost_plot"], c["tps_plot"], c["requests"]], c["slow"]),
+        (h.costs, [s, live], [s, c["cost_summary"], c["cost_plot"], c["tps_plot"], c["requests"], c["cost_by_key"],
+                              c["keys"]], c["slow"]),
     ]
     for fn, inputs, outputs, timer in views:
         timer.tick(fn, inputs, outputs, **quiet)
@@ -239,5 +260,7 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
     c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
     c["relaunch"].click(h.relaunch, None, [c["cluster_note"]], **private)
     c["reveal"].click(h.reveal, [s], [s, c["join_command"], c["reveal"], c["cluster_note"]], **quiet)
+    c["key_create"].click(h.create_key, [c["key_name"]], [c["keys"], c["key_note"]], **private)
+    c["key_revoke"].click(h.revoke_key, [c["key_name"]], [c["keys"], c["key_note"]], **private)
     c["save_prices"].click(h.save_prices, [c["price"], c["currency"], c["node_prices"], c["tdp"]], [c["prices_note"]],
                            **private)
