@@ -242,8 +242,7 @@ class Serving:
             self.on_lost(e)
 
     def _run(self, step: Step) -> None:
-        if step.prefill is not None:
-            p = step.prefill
+        for p in step.prefill:
             live = self.live[p.seq_id]
             live.started = live.started or time.time()
             if p.start == 0:

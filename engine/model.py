@@ -329,7 +329,7 @@ class StepInputs:
     sin: torch.Tensor
     write_at: tuple[torch.Tensor, ...]  # (slot, KV head, position) indices of the cache entries written
     slots: torch.Tensor  # [B]
-    one_slot: int | None  # the slot when the step has one row: its cache is read as a view, not gathered
+    first_slot: int | None  # when the rows' slots are consecutive, the first: the cache is read as a view
     length: int  # cache positions attended to
     mask: torch.Tensor | None  # [B, 1, S, L], None when every query sees every key
 
@@ -475,9 +475,9 @@ class ShardedModel:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.index_put_(step.write_at, k)  # every row's positions in its slot, in one write
         vc.index_put_(step.write_at, v)
-        if step.one_slot is not None:
-            keys = kc[step.one_slot : step.one_slot + 1, :, : step.length]  # [1, nkv, L, D], a view
-            values = vc[step.one_slot : step.one_slot + 1, :, : step.length]
+        if step.first_slot is not None:  # consecutive slots (one, or a batch the scheduler packed): a view
+            a, b = step.first_slot, step.first_slot + len(step.slots)
+            keys, values = kc[a:b, :, : step.length], vc[a:b, :, : step.length]  # [B, nkv, L, D]
         else:
             keys, values = kc[step.slots, :, : step.length], vc[step.slots, :, : step.length]  # [B, nkv, L, D]
         if not self.gqa:
@@ -493,7 +493,8 @@ class ShardedModel:
         for slot, p in zip(slots, starts):
             self.filled[slot] = max(self.filled[slot], p + S)
         return StepInputs(cos=self.cos[pos].unsqueeze(1), sin=self.sin[pos].unsqueeze(1), write_at=write_at,
-                          slots=slot_t, one_slot=slots[0] if len(slots) == 1 else None,
+                          slots=slot_t, first_slot=slots[0] if slots == list(range(slots[0], slots[0] + len(slots)))
+                          else None,
                           length=max(starts) + S, mask=self.causal_mask(starts, S, device))
 
     def causal_mask(self, starts: list[int], S: int, device) -> torch.Tensor | None:

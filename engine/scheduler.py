@@ -1,9 +1,10 @@
 """Which sequences run in the next step: admission into KV slots, chunked prefill, decode.
 
 Pure bookkeeping, no torch and no threads: the serving loop (app/serving.py) asks `next_step()`, runs
-what it says on the engine, and reports back (`prefilled`, `record`, `release`). A step is at most one
-chunk of one newcomer's prompt plus one decode row for every sequence already generating, so a long
-prompt delays the others' next token by one chunk's time, not by the whole prompt.
+what it says on the engine, and reports back (`prefilled`, `record`, `release`). A step is at most
+`prefill_chunk` tokens of newcomers' prompts (several short ones, or a chunk of a long one) plus one
+decode row for every sequence already generating, so a long prompt delays the others' next token by
+one chunk's time, not by the whole prompt.
 
 Fairness: requests wait in arrival order, slots go to the oldest waiting first, and prompts are
 prefilled in the order their sequences were admitted. The waiting line is bounded: `submit` raises
@@ -60,12 +61,12 @@ class Decode:
 
 @dataclass(frozen=True)
 class Step:
-    prefill: Prefill | None = None
-    decode: tuple[Decode, ...] = ()
+    prefill: tuple[Prefill, ...] = ()  # prompt chunks, at most `prefill_chunk` tokens in all
+    decode: tuple[Decode, ...] = ()  # in slot order, so a packed batch reads its cache as one view
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
@@ -98,14 +99,17 @@ class Scheduler:
 
     def next_step(self) -> Step:
         self._admit()
-        prefill = next((s for s in self.running.values() if s.prefilling), None)
-        chunk = None
-        if prefill is not None:
-            end = min(prefill.prefilled + self.prefill_chunk, len(prefill.prompt))
-            chunk = Prefill(prefill.id, prefill.slot, prefill.prefilled, end, end == len(prefill.prompt))
-        decode = tuple(Decode(s.id, s.slot, s.generated[-1], len(s.prompt) + len(s.generated) - 1)
-                       for s in self.running.values() if s.decoding)
-        return Step(chunk, decode)
+        chunks, budget = [], self.prefill_chunk
+        for seq in self.running.values():
+            if budget == 0:
+                break
+            if seq.prefilling:
+                end = min(seq.prefilled + budget, len(seq.prompt))
+                chunks.append(Prefill(seq.id, seq.slot, seq.prefilled, end, end == len(seq.prompt)))
+                budget -= end - seq.prefilled
+        decode = sorted((Decode(s.id, s.slot, s.generated[-1], len(s.prompt) + len(s.generated) - 1)
+                         for s in self.running.values() if s.decoding), key=lambda d: d.slot)
+        return Step(tuple(chunks), tuple(decode))
 
     def _admit(self) -> None:
         while self.free and self.waiting:

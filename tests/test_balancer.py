@@ -202,6 +202,37 @@ def test_a_slot_reused_while_a_move_is_prepared_holds_only_its_new_chat(tiny_mod
             assert (logits - teacher_forced_logits(model_dir, ids)[-1]).abs().max().item() < TOLERANCE
 
 
+def test_a_move_with_several_sequences_in_flight_copies_every_live_slot(tiny_models):
+    """Three chats of different lengths decode in one batch while a move is prepared and switched: every
+    live slot's KV prefix (and the positions written meanwhile) follows the heads, so each chat's logits
+    stay transformers' at every step, before and after the switch."""
+    model_dir = tiny_models["llama-gqa"]
+    cfg = ModelConfig.from_hf(load_hf_config(model_dir))
+    old = make_plan(cfg, [1, 1])
+    new = move_off(old, cfg, slow=1)
+    chats = {0: list(range(11, 31)), 1: [5, 6, 7], 2: list(range(40, 49))}  # slot -> prompt
+    spec = RankSpec(model_dir=str(model_dir), plan=old.to_dict(), rank=0, context=64, slots=3, reshardable=True)
+    with LocalCluster(spec, 2) as cluster:
+        driver = cluster.driver
+        last = {}
+        for slot, ids in chats.items():
+            last[slot] = driver.forward([ids], [slot], [0])[0].cpu()
+        for step in range(8):
+            if step == 2:
+                driver.prepare(new)
+            if step == 5:
+                assert wait_until_prepared(driver) == 1
+                driver.switch()
+                assert driver.plan == new
+            for slot, ids in chats.items():
+                ref = teacher_forced_logits(model_dir, ids)[-1]
+                assert (last[slot] - ref).abs().max().item() < TOLERANCE, f"slot {slot}, step {step}"
+                ids.append(int(last[slot].argmax()))
+            slots = sorted(chats)
+            logits = driver.forward([[chats[s][-1]] for s in slots], slots, [len(chats[s]) - 1 for s in slots])
+            last = {s: logits[row].cpu() for row, s in enumerate(slots)}
+
+
 @pytest.mark.slow
 def test_a_slowed_rank_is_relieved_end_to_end(default_model_dir):
     """The whole loop: rank 0 three times slower from the start, the balancer on. What holds on any
