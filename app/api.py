@@ -158,13 +158,16 @@ def add_api(app: FastAPI, pool: Pool, auth: ApiAuth) -> None:
 
 async def handle(http: HttpRequest, pool: Pool, auth: ApiAuth, kind: type[Common],
                  build: Callable[[Common, Pool], Request], fmt: "Format") -> Response:
+    def prepare() -> Ticket:  # the chat template, the tokenizer and the journal's write: off the event loop
+        request = build(body, pool)
+        request.api_key, request.user = key, body.user or key or "api"
+        return submit(pool, request)
+
     try:
         key = auth.check(http.headers)
         body = parse(await http.body(), kind)
         check_model(body.model, pool)
-        request = build(body, pool)
-        request.api_key, request.user = key, body.user or key or "api"
-        ticket = submit(pool, request)
+        ticket = await asyncio.to_thread(prepare)
     except ApiError as e:
         return error_response(e)
     name = pool.model_name() or body.model
