@@ -69,7 +69,8 @@ class Handlers:
         stopped = lambda: session.stop or session.chat != mine  # noqa: E731
         try:
             for event in self.pool.chat(fns.chat_messages(history[:-1]), settings, stopped):
-                if session.chat != mine:
+                if session.chat != mine:  # New chat: end without a word (a bare return puts the old box back)
+                    yield gr.skip(), gr.skip(), gr.skip()
                     return
                 if isinstance(event, Trimmed):
                     note = fns.trimmed_note(event)
@@ -88,6 +89,8 @@ class Handlers:
             stats = f"error: {e}"
         if session.chat == mine:
             yield history, gr.skip(), stats
+        else:
+            yield gr.skip(), gr.skip(), gr.skip()
 
     def stop(self, session: Session):
         session.stop = True
