@@ -309,6 +309,9 @@ class Blocks:
 
     @classmethod
     def compiled(cls) -> "Blocks":
+        # Static shapes: one compiled variant per batch size (with a symbolic batch size the multiply-sums ran 20-30x slower),
+        # so allow one for each size up to the largest batch a server runs, and a few input layouts.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         c = lambda f: torch.compile(f, dynamic=False)
         return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
 
