@@ -154,30 +154,37 @@ def serve(args, local: bool) -> int:
 
 def run_web(args, pool: Pool, sock: socket.socket, address: str) -> None:
     """Serve the UI until SIGINT/SIGTERM; print the URL and the admin link once the page is served."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # an office LAN may have no internet
-    import gradio as gr
-    from fastapi import FastAPI
-
-    from .admin import Admin, add_login
-    from .app import UiOptions, create_ui
+    from .admin import Admin
 
     port = sock.getsockname()[1]
     admin = Admin()
-    blocks = create_ui(pool, admin, UiOptions(max_new_tokens=args.max_new_tokens))
-
-    def mount(app: FastAPI) -> FastAPI:
-        add_login(app, admin)
-        # Beyond loopback the page asks for a login: an API key's name and the key (`llmd keys create`).
-        login = {"auth": pool.login, "auth_message": LOGIN_MESSAGE} if args.listen else {}
-        return gr.mount_gradio_app(app, blocks, path="/", **login)
-
-    site = build_site(pool, port, args.listen, address, mount)
+    site = make_site(pool, admin, port, address, args.listen, args.max_new_tokens)
     server = QuietServer(server_config(site, timeout_graceful_shutdown=3))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     url = f"http://{address if args.listen else '127.0.0.1'}:{port}"
     threading.Thread(target=announce, args=(server, url, admin.link(url)), daemon=True).start()
     server.run(sockets=[sock])  # returns on SIGINT/SIGTERM
+
+
+def make_site(pool: Pool, admin, port: int, address: str, listen: bool, max_new_tokens: int):
+    """The page and the API on one app (app/server.py), the page asking for a login when `listen`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # an office LAN may have no internet
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from .admin import add_login
+    from .app import UiOptions, create_ui
+
+    blocks = create_ui(pool, admin, UiOptions(max_new_tokens=max_new_tokens))
+
+    def mount(app: FastAPI) -> FastAPI:
+        add_login(app, admin)
+        # Beyond loopback the page asks for a login: an API key's name and the key (`llmd keys create`).
+        login = {"auth": pool.login, "auth_message": LOGIN_MESSAGE} if listen else {}
+        return gr.mount_gradio_app(app, blocks, path="/", **login)
+
+    return build_site(pool, port, listen, address, mount)
 
 
 def announce(server, url: str, admin_link: str) -> None:
