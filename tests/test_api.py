@@ -108,6 +108,33 @@ def test_completions_plain_and_streamed_agree(api):
     assert "".join(c.choices[0].text for c in parts) == whole.choices[0].text != ""
 
 
+def test_a_stop_string_ends_the_reply_before_it_and_is_never_streamed(api):
+    _, expected = greedy_reply(api)
+    assert "Paris" in expected  # the greedy reply names it
+    client = api.client()
+    whole = client.chat.completions.create(model=api.model, messages=QUESTION, temperature=0, max_tokens=12,
+                                           stop=["Paris"])
+    assert whole.choices[0].message.content == expected[: expected.index("Paris")]
+    assert whole.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=api.model, messages=QUESTION, temperature=0, max_tokens=12,
+                                                 stop=["Paris", "Lyon"], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and not any("Par" in (c.choices[0].delta.content or "")
+                                                                for c in chunks if c.choices)
+
+
+def test_the_same_seed_samples_the_same_reply(api):
+    client = api.client()
+
+    def sampled(seed: int) -> str:
+        r = client.chat.completions.create(model=api.model, temperature=1.0, top_p=0.95, max_tokens=16, seed=seed,
+                                           messages=[{"role": "user", "content": "Write a poem about anything."}])
+        return r.choices[0].message.content
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(s) for s in (1, 2, 3, 4)}) > 1  # and the seed does choose
+
+
 def too_long(api: Served) -> dict:
     return {"model": api.model, "messages": [{"role": "user", "content": "hello " * 400}]}
 
