@@ -1,6 +1,5 @@
 """The pool service with a real store and a real engine, and the UI's view functions, without a browser."""
 
-import threading
 import time
 
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from agents import new_secret, start_agent
 from llmd.app.cli import build_parser
 from llmd.app.pool import (ChatSettings, Failed, Finished, Pool, PoolConfig, PoolNotReady, Progress, Reply, Request,
-                           Token, Trimmed)
+                           Token)
 from llmd.engine.sampling import SamplingParams
 from llmd.app.store import Settings, Store
 from llmd.ui.commands import add_up_commands, recipe_for
