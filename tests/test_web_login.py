@@ -54,3 +54,25 @@ def test_the_api_needs_the_key_when_listening(listening):
     busy = httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
                       json={"model": "default", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
     assert busy.status_code == 503 and "not ready" in busy.json()["error"]["message"]
+
+
+def test_only_the_admin_session_makes_and_revokes_keys_from_the_page(tmp_path):
+    from types import SimpleNamespace
+
+    from llmd.ui.admin import COOKIE, REFUSED
+    from llmd.ui.wiring import Handlers
+
+    pool, admin = make_pool(tmp_path, workers=1), Admin()
+    h = Handlers(pool, admin)
+    stranger = SimpleNamespace(cookies={})
+    boss = SimpleNamespace(cookies={COOKIE: admin.open_session(admin.token)})
+    try:
+        assert h.create_key("dave", stranger)[1] == REFUSED and pool.keys() == []
+        table, note = h.create_key("dave", boss)
+        key = note.split("`")[1]
+        assert list(table["name"]) == ["dave"] and pool.login("dave", key)  # shown once, and it works
+        assert h.revoke_key("dave", stranger)[1] == REFUSED and pool.login("dave", key)
+        assert "Revoked" in h.revoke_key("dave", boss)[1] and not pool.login("dave", key)
+        assert "No key made" in h.create_key("not a name!", boss)[1]
+    finally:
+        pool.store.close()
