@@ -164,13 +164,13 @@ def cmd_keys(args) -> int:
         elif args.action == "revoke":
             store.revoke_key(args.name)
             print(f"revoked {args.name}")
+        elif args.json:
+            print(json.dumps(store.keys()))
         else:
-            rows = store.keys()
-            if args.json:
-                print(json.dumps(rows))
-            for r in [] if args.json else rows:
-                state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['revoked']))}" if r["revoked"] else "live"
-                print(f"{r['name']:24s} created {time.strftime('%Y-%m-%d %H:%M', time.localtime(r['created']))}  {state}")
+            when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+            for r in store.keys():
+                state = f"revoked {when(r['revoked'])}" if r["revoked"] else "live"
+                print(f"{r['name']:24s} created {when(r['created'])}  {state}")
     return 0
 
 

@@ -62,14 +62,12 @@ class Pool:
 
     def __init__(self, store: Store, config: PoolConfig):
         self.store, self.config = store, config
-        self.telemetry: Telemetry | None = None
-        self.supervisor = Supervisor(store, config, sample_now=lambda: self.sample_now(),
-                                     gpu_names=self._gpu_names)
         sources = Sources(engine=lambda: self.supervisor.engine, host=lambda: self.supervisor.host,
-                          is_local=self.supervisor._is_local, each_tick=self.supervisor.each_tick)
+                          is_local=lambda advert: self.supervisor._is_local(advert),
+                          each_tick=lambda tick: self.supervisor.each_tick(tick))
         self.telemetry = Telemetry(store, config.node, config.sample_period_s, sources)
-        self._chats = 0  # bumped when a chat starts and ends
-        self._settings = 0
+        self.supervisor = Supervisor(store, config, sample_now=self.telemetry.sample_now, gpu_names=self._gpu_names)
+        self._settings = 0  # bumped when prices or keys change
 
     def __enter__(self):
         return self
@@ -166,12 +164,7 @@ class Pool:
             yield Trimmed(dropped, len(ids))
         request = Request(ids, settings.sampling(engine.text.stop_token_ids), user=self.config.user,
                           prompt_text=last_user_text(messages))
-        ticket = serving.submit(request)
-        self._chats += 1
-        try:
-            yield from ticket.events(lambda: should_stop() or self.progress.phase == "stopped")
-        finally:
-            self._chats += 1
+        yield from serving.submit(request).events(lambda: should_stop() or self.progress.phase == "stopped")
 
     # ---- API keys
 
@@ -212,7 +205,7 @@ class Pool:
     @property
     def versions(self) -> Versions:
         serving = self.supervisor.serving
-        requests = (self._chats, id(serving), serving.version if serving else 0, self.supervisor.plan_version)
+        requests = (id(serving), serving.version if serving else 0)  # a relaunch's loop counts afresh
         return Versions(self.supervisor.plan_version, requests, self.telemetry.version, self._settings)
 
     def sample_now(self) -> None:
@@ -225,8 +218,7 @@ class Pool:
         return self.store.samples(since=time.time() - window_s)
 
     def _gpu_names(self) -> dict[str, str]:
-        names = self.telemetry.gpu_names if self.telemetry else {}
-        return {f"cuda:{i}": n for i, (n, _) in names.items()}
+        return {f"cuda:{i}": n for i, (n, _) in self.telemetry.gpu_names.items()}
 
     def gpus(self) -> list[dict]:
         return self.store.gpus()

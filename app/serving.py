@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -83,8 +83,8 @@ class Ticket:
     """One submitted request's events. Leaving `events()` early (a closed page, a dropped connection)
     cancels the request."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, cancel: Callable[[], None]):
-        self.id, self.prompt_tokens = request_id, prompt_tokens
+    def __init__(self, request_id: str, cancel: Callable[[], None]):
+        self.id = request_id
         self._queue: queue.Queue[Event] = queue.Queue()
         self._cancel = cancel
 
@@ -105,16 +105,12 @@ class Ticket:
         done = False
         try:
             while True:
-                try:
-                    event = self._queue.get(timeout=poll_s)
-                except queue.Empty:
-                    if should_stop():
-                        self.cancel()
-                    continue
-                yield event
-                if isinstance(event, Finished | Failed):
-                    done = True
-                    return
+                event = self.get(poll_s)
+                if event is not None:
+                    yield event
+                    if isinstance(event, Finished | Failed):
+                        done = True
+                        return
                 if should_stop():
                     self.cancel()
         finally:
@@ -136,7 +132,6 @@ class Live:
     text: str = ""
     shown: int = 0  # characters of `text` sent as Token events
     busy_s: float = 0.0  # this sequence's share of the steps it was in
-    seen: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -175,12 +170,11 @@ class Serving:
         budget = min(request.sampling.max_new_tokens, self.driver.model.context - len(request.prompt_ids))
         request_id = self.store.add_request(request.user, self.model, len(request.prompt_ids),
                                             prompt=request.prompt_text, api_key=request.api_key)
-        ticket = Ticket(request_id, len(request.prompt_ids), lambda: self.cancel(request_id))
+        ticket = Ticket(request_id, lambda: self.cancel(request_id))
         seq = Sequence(request_id, list(request.prompt_ids), budget, frozenset(request.sampling.stop_token_ids))
         seed = request.sampling.seed
         live = Live(request, ticket, self.text.detokenizer(),
-                    torch.Generator().manual_seed(seed) if seed is not None else None, time.time(),
-                    seen=list(request.prompt_ids))
+                    torch.Generator().manual_seed(seed) if seed is not None else None, time.time())
         try:
             with self._lock:
                 if self._closing or self.problem:
@@ -269,10 +263,11 @@ class Serving:
 
     def _deliver(self, seq_id: str, logits: torch.Tensor) -> None:
         """Sample a sequence's next token and hand its text on."""
-        live = self.live[seq_id]
-        seen = torch.tensor(live.seen, dtype=torch.long)
-        token = sample(logits.cpu(), live.request.sampling, seen, live.generator)
-        live.seen.append(token)
+        live, seq = self.live[seq_id], self.scheduler.running[seq_id]
+        params = live.request.sampling
+        # The tokens so far matter only to a repetition penalty: build them for no one else.
+        seen = torch.tensor(seq.prompt + seq.generated) if params.repetition_penalty != 1.0 else torch.empty(0)
+        token = sample(logits.cpu(), params, seen, live.generator)
         live.first_token = live.first_token or time.time()
         with self._lock:
             reason = self.scheduler.record(seq_id, token)
@@ -348,8 +343,8 @@ class Serving:
         rebalancer = self.driver.rebalancer
         if rebalancer is None:
             return
-        if idle and rebalancer._awaiting_after:
-            rebalancer.finish_pending_reports()
+        if idle:
+            rebalancer.finish_pending_reports()  # nothing to do (and no step) unless a move awaits its figures
         new = rebalancer.events[self._events_seen :]
         self._events_seen = len(rebalancer.events)
         self._pending_events += new
@@ -358,6 +353,7 @@ class Serving:
         ready = [e for e in self._pending_events if idle or e["status"] != "done" or e["step_ms_after"] is not None]
         if ready:
             self.store.add_migrations([dict(e) for e in ready])
+            self.version += 1
             self._pending_events = [e for e in self._pending_events if e not in ready]
 
     def _fail_all(self, why: str) -> None:
