@@ -309,8 +309,9 @@ class Blocks:
 
     @classmethod
     def compiled(cls) -> "Blocks":
-        # Static shapes: one compiled variant per batch size (with a symbolic batch size the multiply-sums ran 20-30x slower),
-        # so allow one for each size up to the largest batch a server runs, and a few input layouts.
+        # Static shapes: one compiled variant per batch size (with a symbolic batch size the multiply-sums
+        # ran 20-30x slower), so allow one for each size up to the largest batch a server runs, and a few
+        # input layouts.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         c = lambda f: torch.compile(f, dynamic=False)
         return cls(c(qkv_block), c(out_block), c(mlp_block), c(head_block))
@@ -495,9 +496,9 @@ class ShardedModel:
         write_at = (slot_t[:, None, None], heads[None, :, None], pos[:, None, :])  # -> [B, nkv, S]
         for slot, p in zip(slots, starts):
             self.filled[slot] = max(self.filled[slot], p + S)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         return StepInputs(cos=self.cos[pos].unsqueeze(1), sin=self.sin[pos].unsqueeze(1), write_at=write_at,
-                          slots=slot_t, first_slot=slots[0] if slots == list(range(slots[0], slots[0] + len(slots)))
-                          else None,
+                          slots=slot_t, first_slot=slots[0] if consecutive else None,
                           length=max(starts) + S, mask=self.causal_mask(starts, S, device))
 
     def causal_mask(self, starts: list[int], S: int, device) -> torch.Tensor | None:

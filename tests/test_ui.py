@@ -13,8 +13,8 @@ import pytest
 
 from agents import new_secret, start_agent
 from netns import stop
-from ui_helpers import (CHROMIUM_ARGS, call_event, chromium_path, open_tab, plot_has_points, remember_children,
-                        screenshot, start_up, stop_up, sync_playwright, table_rows, wait_for, wait_text)
+from ui_helpers import (browser_page, call_event, open_tab, plot_has_points, remember_children, screenshot, start_up,
+                        stop_up, table_rows, wait_for, wait_text)
 
 pytestmark = pytest.mark.slow  # a real `llmd up` and a browser
 
@@ -39,16 +39,8 @@ def up(tmp_path_factory, secret):
 
 @pytest.fixture(scope="module")
 def page(up):
-    path = chromium_path()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(up.url)
-            yield page
-        finally:
-            browser.close()
+    with browser_page(up.url) as page:
+        yield page
 
 
 def test_the_page_shows_progress_then_ready(page, up):

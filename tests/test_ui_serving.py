@@ -18,8 +18,7 @@ from openai import OpenAI
 
 from agents import new_secret
 from netns import stop
-from ui_helpers import (CHROMIUM_ARGS, chromium_path, open_tab, screenshot, start_up, sync_playwright, wait_for,
-                        wait_text)
+from ui_helpers import browser_page, open_tab, screenshot, start_up, wait_for, wait_text
 
 pytestmark = pytest.mark.slow  # a real `llmd up` and a browser
 
@@ -45,19 +44,12 @@ def up(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(up):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(up.url)
-            wait_text(page, "#status", r"\bready\b", timeout_s=180)
-            open_tab(page, "Chat")
-            page.get_by_text("Generation settings").click()
-            page.check("#greedy input")
-            yield page
-        finally:
-            browser.close()
+    with browser_page(up.url) as page:
+        wait_text(page, "#status", r"\bready\b", timeout_s=180)
+        open_tab(page, "Chat")
+        page.get_by_text("Generation settings").click()
+        page.check("#greedy input")
+        yield page
 
 
 # ---- the page

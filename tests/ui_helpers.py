@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,20 @@ def chromium_path() -> str:
             return candidate
     raise AssertionError("the web UI tests need Chromium: install it (Debian/Ubuntu: `apt-get install chromium`) "
                          "or point LLMD_CHROMIUM at its binary")
+
+
+@contextmanager
+def browser_page(url: str) -> Iterator:
+    """A page of a headless Chromium at `url`, closed with its browser on the way out."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 def start_up(tmp: Path, secret: str, *extra: str) -> Up:
