@@ -4,10 +4,32 @@ started by the driver (local workers) or by an agent, with the rendezvous key in
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from llmd.engine.worker import exit_with_parent, run_worker, spec_from_json
+from llmd.engine.checkpoint import SliceReader
+from llmd.engine.config import ModelConfig, load_hf_config
+from llmd.engine.plan import Plan
+from llmd.engine.sharding import reads
+from llmd.engine.worker import RankSpec, exit_with_parent, run_worker, spec_from_json
 
+from .model_cache import CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, Reporter, open_fetched, source_from_env
 from .rendezvous import KEY_ENV, RemoteTable, TableStore
+
+
+def slices_reader(spec: RankSpec, key: str):
+    """Where the rank reads its slices: the model's files, or (when its agent lacks them) the agent's cache,
+    first filled with everything the rank's shard needs from the host."""
+    source = os.environ.pop(SOURCE_ENV, "")
+    if not source:
+        return SliceReader
+    max_bytes = int(os.environ.pop(CACHE_MAX_ENV, "0")) or None
+    reader = open_fetched(Path(spec.model_dir), source_from_env(source), key, max_bytes)
+    cfg = ModelConfig.from_hf(load_hf_config(Path(spec.model_dir)))
+    wants = reader.wants(reads(cfg, Plan.from_dict(spec.plan), spec.rank, spec.weights, set(reader.manifest.tensors)))
+    report = Reporter(spec.rank, sum(w.nbytes for w in wants), os.environ.pop(PROGRESS_ENV, None))
+    reader.fetch(wants, progress=report)
+    report.report()
+    return lambda model_dir: reader
 
 
 def main(argv=None) -> int:
@@ -22,8 +44,13 @@ def main(argv=None) -> int:
         print(f"llmd worker rank {spec.rank}: no rendezvous key in ${KEY_ENV}", file=sys.stderr, flush=True)
         return 2
     exit_with_parent()
+    try:
+        open_reader = slices_reader(spec, key)
+    except Exception as e:  # its last line is what the driver shows
+        print(f"llmd worker rank {spec.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
     table = RemoteTable(args.rendezvous, key, args.launch, timeout_s=min(spec.timeout_s, 60.0))
-    return run_worker(spec, lambda: TableStore(table, spec.timeout_s))
+    return run_worker(spec, lambda: TableStore(table, spec.timeout_s), open_reader)
 
 
 if __name__ == "__main__":

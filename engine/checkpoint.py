@@ -204,6 +204,14 @@ class SliceReader:
             out[start:end] = torch.cat([block[:, a:b] for a, b in ranges], dim=1)
         return out
 
+    def int8_columns(self, name: str, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of a 2-D tensor quantised to int8 with the scales of its whole rows: (values, scales)."""
+        from . import quant
+
+        whole = self.whole(name)
+        scales = quant.int8_scales(whole)
+        return quant.quantise_int8(torch.cat([whole[:, a:b] for a, b in ranges], dim=1), scales), scales
+
     def _stored(self, name: str) -> Stored:
         file = self._file_of[name]  # KeyError for a name no file holds, as before
         if file not in self._files:

@@ -74,7 +74,7 @@ VOCAB_BLOCK = 4096  # vocabulary rows read between two rests of a paced load
 
 def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: torch.dtype,
                device: torch.device, after_layer=None, reuse: "tuple[RankShard, ShardWeights] | None" = None,
-               weights: str = "fp32") -> "ShardWeights":
+               weights: str = "fp32", open_reader=SliceReader) -> "ShardWeights":
     """Read only this rank's slices of the checkpoint (never the whole model): its heads and
     columns of its stage's layers, its vocabulary rows of the embedding (first stage) and of
     the LM head (last stage). `after_layer(seconds)` is called after each layer, and after
@@ -84,6 +84,10 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
 
     `weights` int8 or int4: each linear layer is quantised as it is read, one checkpoint tensor at
     a time (engine/quant.py); everything else is held in `dtype`, as dense weights are.
+
+    `open_reader(model_dir)` gives the reader of the slices: the checkpoint's files by default, or
+    anything with the same methods (an agent's cache of slices fetched from the host). What a rank
+    reads is listed by `sharding.reads`.
 
     The files are mapped afresh for each layer: pages a column slice touches are
     released with the mapping, so peak memory stays near the shard's own size.
@@ -95,7 +99,7 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
 
     @contextmanager
     def reader(held):
-        with SliceReader(model_dir) as r:
+        with open_reader(model_dir) as r:
             yield ReusingReader(r, held(*reuse)) if reuse else r
 
     def vocab(r, name: str) -> torch.Tensor:
@@ -205,10 +209,7 @@ class Maker:
     def quantised_piece(self, r: SliceReader, piece: sharding.Piece, prefix: str) -> tuple[torch.Tensor, ...]:
         if self.weights == "int8" and piece.dim == 1:
             # A row's scale is the whole row's, though this rank holds only some of its columns.
-            whole = r.whole(prefix + piece.name)
-            scales = quant.int8_scales(whole)
-            cols = torch.cat([whole[:, a:b] for a, b in sharding.ranges(self.cfg, self.shard, piece.unit)], dim=1)
-            return quant.quantise_int8(cols, scales), scales
+            return r.int8_columns(prefix + piece.name, sharding.ranges(self.cfg, self.shard, piece.unit))
         return self.quantise(read_piece(r, self.cfg, self.shard, piece, prefix))
 
     def quantise(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:

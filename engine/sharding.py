@@ -118,3 +118,37 @@ def field_shape(cfg: ModelConfig, pieces: tuple[Piece, ...], shard: RankShard) -
     """A rank's fused field: its pieces' slices concatenated along dim 0."""
     shapes = [shape(cfg, p, shard) for p in pieces]
     return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+@dataclass(frozen=True)
+class Read:
+    """One read a rank's load makes: a tensor whole (`dim` None) or its `ranges` along `dim`. With
+    `int8_scales` the read also needs the int8 scales of the tensor's whole rows (an int8 column slice)."""
+
+    name: str
+    dim: int | None
+    ranges: tuple[tuple[int, int], ...] = ()
+    int8_scales: bool = False
+
+
+def reads(cfg: ModelConfig, plan, rank: int, weights: str, names: set[str]) -> list[Read]:
+    """Every read `engine/model.py load_shard` makes for `rank`, from this table: what an agent fetches
+    before a rank loads. `names`: the checkpoint's tensor names (an LM head may be absent: tied)."""
+    shard, stage = plan.ranks[rank], plan.stage_of(rank)
+    first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
+    out = []
+    for i in range(*stage.layers):
+        for f in LAYER:
+            for p in f.weight + (f.bias if f.has_bias(cfg) else ()):
+                split = () if p.dim is None else tuple(ranges(cfg, shard, p.unit))
+                scales = weights == "int8" and f.linear and p in f.weight and p.dim == 1
+                out.append(Read(layer_prefix(i) + p.name, p.dim, split, scales))
+    tied = cfg.tie_word_embeddings or LM_HEAD.name not in names
+    vocab = (tuple(shard.vocab_rows),)
+    if first or (last and tied):
+        out.append(Read(EMBED.name, 0, vocab))
+    if last and not tied:
+        out.append(Read(LM_HEAD.name, 0, vocab))
+    if last:
+        out.append(Read(FINAL_NORM.name, None))
+    return out

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .comm import Group, Solo
 from .config import ModelConfig, load_hf_config
+from .checkpoint import SliceReader
 from .model import ShardedModel, Slowdown, load_shard
 from .plan import Plan
 from .runtime import peak_rss_mb, rss_mb, serve
@@ -64,26 +65,28 @@ def ready_key(rank: int) -> str:
     return f"llmd/ready/{rank}"
 
 
-def load_rank(spec: RankSpec):
-    """Load this rank's slices; returns what `connect_rank` needs."""
+def load_rank(spec: RankSpec, open_reader=SliceReader):
+    """Load this rank's slices (through `open_reader`, engine/model.py `load_shard`); returns what
+    `build_model` needs."""
     torch.set_num_threads(spec.threads)
     before = rss_mb()
     hf_config = load_hf_config(Path(spec.model_dir))
     cfg = ModelConfig.from_hf(hf_config)
     plan = Plan.from_dict(spec.plan)
     device, dtype = device_of(spec), DTYPES[spec.dtype]
-    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights)
+    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights,
+                         open_reader=open_reader)
     return cfg, hf_config, plan, weights, device, dtype, (before, peak_rss_mb())
 
 
-def build_model(spec: RankSpec, loaded, comm) -> ShardedModel:
+def build_model(spec: RankSpec, loaded, comm, open_reader=SliceReader) -> ShardedModel:
     cfg, hf_config, plan, weights, device, dtype, load_memory_mb = loaded
     model = ShardedModel(cfg, hf_config, plan, spec.rank, weights, comm, spec.context, spec.slots, dtype, device,
                          compiled=spec.compile, slowdown=spec.slowdown_of(spec.rank), reshardable=spec.reshardable)
     model.load_memory_mb = load_memory_mb
-    # The balancer's new shards come from this rank's own slices of the local checkpoint.
+    # The balancer's new shards come from this rank's own slices, read where its first shard was.
     model.load = lambda new_plan, after_layer=None, reuse=None: load_shard(
-        Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse, spec.weights)
+        Path(spec.model_dir), cfg, new_plan, spec.rank, dtype, device, after_layer, reuse, spec.weights, open_reader)
     return model
 
 
@@ -109,13 +112,13 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="llmd-parent-watch", daemon=True).start()
 
 
-def run_worker(spec: RankSpec, open_store: Callable[[], dist.Store]) -> int:
+def run_worker(spec: RankSpec, open_store: Callable[[], dist.Store], open_reader=SliceReader) -> int:
     """A worker rank's life: load its slices, join the group through the store `open_store` gives, serve
     steps until the driver says stop. Its last line says why when it fails (the driver reads it)."""
     world_size = len(spec.plan["ranks"])
     try:
-        loaded = load_rank(spec)
-        model = build_model(spec, loaded, connect(spec, open_store(), world_size))
+        loaded = load_rank(spec, open_reader)
+        model = build_model(spec, loaded, connect(spec, open_store(), world_size), open_reader)
         serve(model)
         model.comm.close()
     except Exception as e:

@@ -1,0 +1,442 @@
+"""An agent's cache of the models it fetches from the host (app/models.py serves them).
+
+Under `$LLMD_CACHE_DIR/fetched`:
+  models/<model id>/   the model's small files (config, tokenizer) and its manifest: a rank's model_dir
+  chunks/<sha256>      one slice of one tensor (some of its rows or columns), named by its bytes' hash
+  index.sqlite         which chunk holds which slice of which model's tensor, and when it was last used
+
+A rank reads through `FetchingReader`, which has the checkpoint reader's methods: what the cache
+lacks is fetched (signed, several chunks in flight), written, then read back through its hash, so a
+chunk damaged on disk is dropped and fetched again, never used. A fetch cut short leaves whole chunks
+behind: the next one asks only for the rest. A rank whose share grows asks only for what it gained.
+Chunks are cut at fixed boundaries of their dimension, so the same slice is the same chunks on every
+machine. The cache is bounded: past its size, chunks least recently used go first.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+from llmd.engine import quant
+from llmd.engine.checkpoint import SAFETENSORS_DTYPES, cache_root
+from llmd.engine.sharding import Read
+
+from .client import HTTP, plain_error
+from .models import Manifest, ModelUnavailable, Source
+from .security import answer_is_genuine, signed_headers
+
+CHUNK_BYTES = 4 << 20  # whole rows (or columns) up to this much a chunk: the unit of resuming
+IN_FLIGHT = 4
+TRIES = 3
+SOURCE_ENV, CACHE_MAX_ENV, PROGRESS_ENV = "LLMD_MODEL_SOURCE", "LLMD_CACHE_MAX_BYTES", "LLMD_FETCH_PROGRESS"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS slices (model TEXT, tensor TEXT, kind TEXT, dim INTEGER, start INTEGER, stop INTEGER,
+                                   sha256 TEXT, PRIMARY KEY (model, tensor, kind, dim, start, stop));
+CREATE TABLE IF NOT EXISTS chunks (sha256 TEXT PRIMARY KEY, nbytes INTEGER, used REAL);
+"""
+
+
+class CorruptChunk(Exception): ...
+
+
+def fetched_root() -> Path:
+    return cache_root() / "fetched"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    stop: int
+    sha256: str
+
+
+class ChunkCache:
+    """The index and the chunk files; safe across the threads and processes of one agent (SQLite in WAL
+    mode, files written under a temporary name and renamed)."""
+
+    def __init__(self, root: Path, max_bytes: int | None = None):
+        self.root, self.max_bytes = Path(root), max_bytes
+        (self.root / "chunks").mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self.db.executescript(SCHEMA)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if getattr(self._local, "db", None) is None:
+            db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._local.db = db
+        return self._local.db
+
+    def path(self, sha: str) -> Path:
+        return self.root / "chunks" / sha
+
+    def chunks(self, model: str, tensor: str, kind: str, dim: int) -> list[Chunk]:
+        rows = self.db.execute("SELECT start, stop, sha256 FROM slices WHERE model=? AND tensor=? AND kind=? AND dim=?"
+                               " ORDER BY start", (model, tensor, kind, dim)).fetchall()
+        return [Chunk(*r) for r in rows]
+
+    def put(self, model: str, tensor: str, kind: str, dim: int, start: int, stop: int, data: bytes) -> Chunk:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if not target.is_file():
+            fd, tmp = tempfile.mkstemp(dir=self.root / "chunks", prefix=".part-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", (sha, len(data), time.time()))
+            self.db.execute("INSERT OR REPLACE INTO slices VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (model, tensor, kind, dim, start, stop, sha))
+        return Chunk(start, stop, sha)
+
+    def read(self, chunk: Chunk) -> bytes:
+        """The chunk's bytes, checked against its name; a damaged or missing one is forgotten (CorruptChunk)."""
+        try:
+            data = self.path(chunk.sha256).read_bytes()
+        except FileNotFoundError:
+            data = None
+        if data is None or hashlib.sha256(data).hexdigest() != chunk.sha256:
+            self.forget(chunk.sha256)
+            raise CorruptChunk(chunk.sha256)
+        self.db.execute("UPDATE chunks SET used=? WHERE sha256=?", (time.time(), chunk.sha256))
+        return data
+
+    def forget(self, sha: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM slices WHERE sha256=?", (sha,))
+            self.db.execute("DELETE FROM chunks WHERE sha256=?", (sha,))
+        self.path(sha).unlink(missing_ok=True)
+
+    def total_bytes(self) -> int:
+        return self.db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM chunks").fetchone()[0]
+
+    def evict(self, keep: set[str] = frozenset()) -> int:
+        """Drop chunks least recently used first until the cache is within its bound; never one in `keep`
+        (what a rank is loading now). Returns the bytes freed."""
+        if self.max_bytes is None:
+            return 0
+        over, freed = self.total_bytes() - self.max_bytes, 0
+        for sha, nbytes in self.db.execute("SELECT sha256, nbytes FROM chunks ORDER BY used").fetchall():
+            if freed >= over:
+                break
+            if sha not in keep:
+                self.forget(sha)
+                freed += nbytes
+        return freed
+
+
+class HostClient:
+    """Signed calls to the host's model server, trusting only answers it signed for this very request."""
+
+    def __init__(self, source: Source, secret: str, timeout_s: float = 60.0):
+        self.source, self.secret, self.timeout_s = source, secret, timeout_s
+        self.base = f"http://{source.receiver.split('@', 1)[1]}"
+        self.bytes = 0  # answer bytes received, all calls together
+        self._lock = threading.Lock()
+
+    def call(self, method: str, path: str, payload: dict | None = None) -> bytes:
+        body = json.dumps(payload).encode() if payload is not None else b""
+        last = None
+        for attempt in range(TRIES):
+            headers = signed_headers(self.secret, method, path, self.source.receiver, body)
+            if payload is not None:
+                headers["Content-Type"] = "application/json"
+            try:
+                r = HTTP.request(method, self.base + path, content=body, headers=headers, timeout=self.timeout_s)
+            except httpx.HTTPError as e:  # cut short or refused: asked again, then given up
+                last = e
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            if not answer_is_genuine(self.secret, headers, r.status_code, r.headers, r.content):
+                raise ModelUnavailable(f"the host at {self.base} did not prove it holds the pool secret "
+                                       f"({plain_error(r)})")
+            if r.status_code >= 400:
+                raise ModelUnavailable(f"the host at {self.base} answered {r.status_code}: {plain_error(r)}")
+            with self._lock:
+                self.bytes += len(r.content)
+            return r.content
+        raise ModelUnavailable(f"the host at {self.base} did not answer {method} {path}: {last}")
+
+    def manifest(self) -> Manifest:
+        data = self.call("GET", f"/v1/models/{self.source.model_id}/manifest")
+        m = Manifest.from_dict(json.loads(data))
+        if m.id != self.source.model_id:
+            raise ModelUnavailable(f"the host sent the manifest of {m.id}, not of {self.source.model_id}")
+        return m
+
+    def file(self, name: str) -> bytes:
+        return self.call("GET", f"/v1/models/{self.source.model_id}/files/{name}")
+
+    def slice(self, tensor: str, kind: str, dim: int, start: int, stop: int) -> bytes:
+        ask = {"tensor": tensor, "kind": kind}
+        if kind == "raw":
+            ask.update(dim=dim, start=start, stop=stop)
+        return self.call("POST", f"/v1/models/{self.source.model_id}/slice", ask)
+
+
+def prepare(source: Source, client: HostClient, root: Path | None = None) -> Path:
+    """The model's directory in the cache (small files and manifest), fetched once and checked against
+    the manifest's hashes: what a rank gets as its model_dir."""
+    root = root or fetched_root()
+    out = root / "models" / source.model_id
+    if (out / "manifest.json").is_file():
+        return out
+    manifest = client.manifest()
+    bad = [n for n in manifest.files if not SAFE_NAME.fullmatch(n)]
+    if bad:
+        raise ModelUnavailable(f"the manifest names files this cache will not write: {bad[:3]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=out.parent))
+    try:
+        for name, entry in manifest.files.items():
+            data = client.file(name)
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ModelUnavailable(f"{name} from the host does not match its manifest")
+            (staging / name).write_bytes(data)
+        (staging / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+        try:
+            staging.rename(out)
+        except OSError:
+            if not (out / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Progress:
+    """A rank's fetch so far: written for its agent to read, printed for its log."""
+
+    done: int = 0
+    total: int = 0
+    started: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        spent = time.monotonic() - self.started
+        return self.done / spent if spent > 0 else 0.0
+
+    @property
+    def left_s(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.done, "total": self.total, "rate": round(self.rate), "left_s": self.left_s}
+
+
+@dataclass(frozen=True)
+class Want:
+    """A piece of a tensor the cache lacks: [start, stop) along `dim` of a tensor (of `kind`)."""
+
+    tensor: str
+    kind: str
+    dim: int
+    start: int
+    stop: int
+    nbytes: int
+
+
+class FetchingReader:
+    """The checkpoint reader's methods (`engine/checkpoint.py` SliceReader) over the cache, fetching
+    what it lacks from the host first."""
+
+    def __init__(self, manifest: Manifest, cache: ChunkCache, client: HostClient):
+        self.manifest, self.cache, self.client = manifest, cache, client
+        self.model = manifest.id
+        self.opened: list[str] = []  # the checkpoint's files are the host's: none is opened here
+        self.using: set[str] = set()  # chunks read by this reader: never evicted under it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    # The checkpoint reader's methods.
+    def has(self, name: str) -> bool:
+        return name in self.manifest.tensors
+
+    def whole(self, name: str) -> torch.Tensor:
+        entry = self.manifest.tensors[name]
+        return self._take(name, "raw", 0, [(0, entry.shape[0])]).view(entry.shape)
+
+    def rows(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        return self._take(name, "raw", 0, ranges)
+
+    def cols(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        return self._take(name, "raw", 1, ranges)
+
+    def int8_columns(self, name: str, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As the checkpoint reader quantises them, from the columns and the host's whole-row scales."""
+        rows = self.manifest.tensors[name].shape[0]
+        scales = self._take(name, "int8_scales", 0, [(0, rows)])
+        return quant.quantise_int8(self.cols(name, ranges), scales), scales
+
+    # Fetching.
+    def wants(self, reads: list[Read]) -> list[Want]:
+        """What the cache lacks of `reads` (engine/sharding.py `reads`), in chunks."""
+        out = []
+        for r in reads:
+            entry = self.manifest.tensors[r.name]
+            dim, ranges = (0, [(0, entry.shape[0])]) if r.dim is None else (r.dim, list(r.ranges))
+            out += self._missing(r.name, "raw", dim, ranges)
+            if r.int8_scales:
+                out += self._missing(r.name, "int8_scales", 0, [(0, entry.shape[0])])
+        return out
+
+    def fetch(self, wants: list[Want], progress: Callable[[int], None] | None = None) -> None:
+        """Fetch the chunks, several in flight; each is in the cache once this returns."""
+        def one(w: Want) -> None:
+            data = self.client.slice(w.tensor, w.kind, w.dim, w.start, w.stop)
+            if len(data) != w.nbytes:
+                raise ModelUnavailable(f"the host sent {len(data)} bytes of {w.tensor}, not {w.nbytes}")
+            chunk = self.cache.put(self.model, w.tensor, w.kind, w.dim, w.start, w.stop, data)
+            self.using.add(chunk.sha256)
+            if progress:
+                progress(len(data))
+
+        if not wants:
+            return
+        pool = ThreadPoolExecutor(min(IN_FLIGHT, len(wants)), thread_name_prefix="llmd-fetch")
+        try:
+            for f in [pool.submit(one, w) for w in wants]:
+                f.result()
+        finally:  # the first failure ends the fetch: what is not yet asked for is not asked for
+            pool.shutdown(cancel_futures=True)
+        self.cache.evict(keep=self.using)
+
+    def _geometry(self, name: str, kind: str) -> tuple[torch.dtype, list[int]]:
+        entry = self.manifest.tensors[name]
+        if kind == "int8_scales":
+            return torch.bfloat16, [entry.shape[0]]
+        return SAFETENSORS_DTYPES[entry.dtype], list(entry.shape)
+
+    def _missing(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> list[Want]:
+        dtype, shape = self._geometry(name, kind)
+        per = dtype.itemsize * (shape[0] if dim == 1 else _rest(shape))  # bytes per index along dim
+        block = max(1, CHUNK_BYTES // max(per, 1))
+        chunks = self.cache.chunks(self.model, name, kind, dim)
+        out = []
+        for a, b in ranges:
+            for start, stop, chunk in cover(a, b, chunks):
+                if chunk is not None:
+                    continue
+                # Cut at fixed multiples of `block`: the same slice is the same chunks on every machine.
+                edges = sorted({start, stop, *range((start // block + 1) * block, stop, block)})
+                out += [Want(name, kind, dim, s, e, per * (e - s)) for s, e in zip(edges, edges[1:])]
+        return out
+
+    def _take(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        for _ in range(TRIES):
+            self.fetch(self._missing(name, kind, dim, ranges))
+            try:
+                return self._assemble(name, kind, dim, ranges)
+            except CorruptChunk:
+                continue  # forgotten: the next round fetches it again
+        raise ModelUnavailable(f"the chunks of {name} keep failing their checksums")
+
+    def _assemble(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+        dtype, shape = self._geometry(name, kind)
+        chunks = self.cache.chunks(self.model, name, kind, dim)
+        parts = []
+        for a, b in ranges:
+            for start, stop, chunk in cover(a, b, chunks):
+                if chunk is None:
+                    raise CorruptChunk(f"{name} [{start}, {stop}) went missing")
+                data = self.cache.read(chunk)
+                self.using.add(chunk.sha256)
+                held = [*shape]
+                held[dim] = chunk.stop - chunk.start
+                t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).view(held)
+                parts.append(t.narrow(dim, start - chunk.start, stop - start))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        return out.contiguous()
+
+
+def _rest(shape: list[int]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def cover(a: int, b: int, chunks: list[Chunk]) -> list[tuple[int, int, Chunk | None]]:
+    """[a, b) as the pieces held chunks give (a chunk reaching furthest first) and the gaps between them."""
+    out, pos = [], a
+    while pos < b:
+        holding = [c for c in chunks if c.start <= pos < c.stop]
+        if holding:
+            c = max(holding, key=lambda c: c.stop)
+            end = min(c.stop, b)
+            out.append((pos, end, c))
+        else:
+            end = min([c.start for c in chunks if pos < c.start < b] + [b])
+            out.append((pos, end, None))
+        pos = end
+    return out
+
+
+def source_to_env(source: Source) -> str:
+    return json.dumps(asdict(source))
+
+
+def source_from_env(text: str) -> Source:
+    return Source(**json.loads(text))
+
+
+class Reporter:
+    """A rank's fetch progress: a line in its log at most every `every_s`, and a JSON file its agent reads."""
+
+    def __init__(self, rank: int, total: int, path: str | None, every_s: float = 1.0):
+        self.rank, self.path, self.every_s = rank, path, every_s
+        self.progress = Progress(total=total, started=time.monotonic())
+        self._lock, self._last = threading.Lock(), 0.0
+
+    def __call__(self, nbytes: int) -> None:
+        with self._lock:
+            self.progress.done += nbytes
+            now = time.monotonic()
+            if now - self._last >= self.every_s or self.progress.done >= self.progress.total:
+                self._last = now
+                self.report()
+
+    def report(self) -> None:
+        p = self.progress
+        left = "" if p.left_s is None else f", {p.left_s:.0f} s left"
+        print(f"llmd worker rank {self.rank}: fetched {p.done / 1e6:.1f} of {p.total / 1e6:.1f} MB from the host, "
+              f"{p.rate / 1e6:.1f} MB/s{left}", flush=True)
+        if self.path:
+            tmp = f"{self.path}.tmp"
+            Path(tmp).write_text(json.dumps(p.to_dict()))
+            os.replace(tmp, self.path)
+
+
+def read_progress(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def open_fetched(model_dir: Path, source: Source, secret: str, max_bytes: int | None = None) -> FetchingReader:
+    """The reader of a model an agent fetched: its manifest is in `model_dir` (see `prepare`)."""
+    manifest = Manifest.from_dict(json.loads((Path(model_dir) / "manifest.json").read_text()))
+    if manifest.id != source.model_id:
+        raise ModelUnavailable(f"{model_dir} holds model {manifest.id}, not {source.model_id}")
+    return FetchingReader(manifest, ChunkCache(fetched_root(), max_bytes), HostClient(source, secret))

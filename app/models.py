@@ -1,0 +1,280 @@
+"""Models named by content, and their slices served to the agents that lack them.
+
+A manifest lists a model directory's small files (config, tokenizer) and its weight files' tensors
+with their byte ranges, each with a SHA-256; its id is a hash of the files' contents only, so two
+machines with the same files agree on it wherever the files live. The host serves the models it
+launches (`ModelServer`) on its LAN address behind the signed control plane: a manifest, a small
+file, or one slice of one tensor (rows or columns of it, as `engine/sharding.py` cuts it), read with
+the checkpoint's own `SliceReader`. The agents' side (cache, fetching) is app/model_cache.py.
+"""
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmd.engine import quant
+from llmd.engine.checkpoint import INDEX_FILE, SliceReader, cache_root, safetensors_header, weight_files
+from llmd.engine.errors import LlmdError
+
+from .guard import PlainJSON, SignedApi, ThreadServer, error, plain_errors
+from .security import Verifier, receiver_name
+
+MANIFEST_FORMAT = 1
+SMALL_FILE_MAX = 64 << 20  # config, tokenizer, templates: a bigger non-weight file is not part of a model
+MAX_SLICE_BYTES = 16 << 20  # one answer; a larger read is several requests (app/model_cache.py chunks them)
+HASH_BLOCK = 8 << 20
+MODEL_ID = r"^[0-9a-f]{32}$"
+
+
+class ModelUnavailable(LlmdError): ...
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: str
+    dtype: str  # as safetensors writes it: F32, BF16, ...
+    shape: list[int]
+    offset: int  # of its first byte in the file
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: dict[str, FileEntry]  # config, tokenizer and other small files, by name
+    weights: dict[str, FileEntry]  # safetensors files, by name
+    tensors: dict[str, TensorEntry]
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def id(self) -> str:
+        return content_id(self.files, self.weights)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        """A manifest as another machine sent it: its id must be the hash of what it lists."""
+        m = cls(files={k: FileEntry(**v) for k, v in d["files"].items()},
+                weights={k: FileEntry(**v) for k, v in d["weights"].items()},
+                tensors={k: TensorEntry(**v) for k, v in d["tensors"].items()}, format=d["format"])
+        if m.format != MANIFEST_FORMAT or d.get("id") != m.id:
+            raise ModelUnavailable("a manifest whose id is not the hash of the files it lists")
+        return m
+
+
+def content_id(files: dict[str, FileEntry], weights: dict[str, FileEntry]) -> str:
+    digests = {"files": {k: v.sha256 for k, v in sorted(files.items())},
+               "weights": {k: v.sha256 for k, v in sorted(weights.items())}}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def small_files(model_dir: Path) -> list[Path]:
+    """The files a model needs beside its weights: everything small and visible that is not a weight."""
+    out = []
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".safetensors" and p.name != INDEX_FILE:
+            if p.stat().st_size <= SMALL_FILE_MAX:
+                out.append(p)
+    return out
+
+
+def hash_file(path: Path) -> FileEntry:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return FileEntry(path.stat().st_size, h.hexdigest())
+
+
+def hash_weights(path: Path) -> tuple[FileEntry, dict[str, TensorEntry]]:
+    """One pass over a safetensors file: its hash, and each tensor's bytes and hash."""
+    header, start = safetensors_header(path)
+    whole, tensors = hashlib.sha256(), {}
+    with open(path, "rb") as f:
+        whole.update(f.read(start))
+        pos = start
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, e in entries:
+            a, b = (start + o for o in e["data_offsets"])
+            if a > pos:  # alignment padding between tensors: part of the file, of no tensor
+                whole.update(f.read(a - pos))
+            one, left = hashlib.sha256(), b - a
+            while left:
+                block = f.read(min(left, HASH_BLOCK))
+                if not block:
+                    raise ModelUnavailable(f"{path.name} ends inside tensor {name}")
+                one.update(block)
+                whole.update(block)
+                left -= len(block)
+            pos = b
+            tensors[name] = TensorEntry(path.name, e["dtype"], list(e["shape"]), a, b - a, one.hexdigest())
+        while block := f.read(HASH_BLOCK):
+            whole.update(block)
+    return FileEntry(path.stat().st_size, whole.hexdigest()), tensors
+
+
+def make_manifest(model_dir: Path) -> Manifest:
+    """The manifest of a model directory, hashed once per version of its files on this machine (kept in
+    the cache directory under the files' names, sizes and modification times)."""
+    model_dir = Path(model_dir).resolve()
+    weight_names = sorted(set(weight_files(model_dir).values()))
+    listed = [*small_files(model_dir), *(model_dir / n for n in weight_names)]
+    stamp = hashlib.sha256(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in listed]).encode())
+    saved = cache_root() / "manifests" / f"{stamp.hexdigest()[:32]}.json"
+    if saved.is_file():
+        try:
+            return Manifest.from_dict(json.loads(saved.read_text()))
+        except (ValueError, KeyError, TypeError, ModelUnavailable):
+            pass  # written by another version, or damaged: hash again
+    files = {p.name: hash_file(p) for p in small_files(model_dir)}
+    weights, tensors = {}, {}
+    for name in weight_names:
+        weights[name], held = hash_weights(model_dir / name)
+        tensors.update(held)
+    manifest = Manifest(files, weights, tensors)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict()))
+    tmp.replace(saved)
+    return manifest
+
+
+# What a launch request carries for an agent to find the model: where to fetch it, and its id.
+@dataclass(frozen=True)
+class Source:
+    address: str
+    port: int
+    server_id: str
+    model_id: str
+
+    @property
+    def receiver(self) -> str:
+        return receiver_name(self.server_id, self.address, self.port)
+
+
+class SliceAsk(BaseModel):
+    """One slice: a tensor whole (`dim` null), its rows [start, stop) (dim 0) or columns (dim 1);
+    `kind` int8_scales: the int8 scales of the tensor's whole rows (an int8 column slice needs them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensor: str = Field(min_length=1, max_length=512)
+    dim: int | None = Field(default=None, ge=0, le=1)
+    start: int = Field(default=0, ge=0, le=1 << 40)
+    stop: int = Field(default=0, ge=0, le=1 << 40)
+    kind: str = Field(default="raw", pattern=r"^(raw|int8_scales)$")
+
+
+def slice_bytes(entry: TensorEntry, ask: SliceAsk) -> int:
+    """What the slice weighs; ValueError when it is not a slice of the tensor."""
+    if ask.kind == "int8_scales":
+        if len(entry.shape) != 2:
+            raise ValueError("int8 scales are of 2-D tensors")
+        return entry.shape[0] * torch.bfloat16.itemsize
+    if ask.dim is None:
+        return entry.nbytes
+    if ask.dim >= len(entry.shape) or not 0 <= ask.start < ask.stop <= entry.shape[ask.dim]:
+        raise ValueError(f"[{ask.start}, {ask.stop}) is not a range of dimension {ask.dim} of shape {entry.shape}")
+    if ask.dim == 1 and len(entry.shape) != 2:
+        raise ValueError("columns are taken of 2-D tensors")
+    return entry.nbytes // entry.shape[ask.dim] * (ask.stop - ask.start)
+
+
+def read_slice(reader: SliceReader, ask: SliceAsk) -> bytes:
+    if ask.kind == "int8_scales":
+        t = quant.int8_scales(reader.whole(ask.tensor))
+    elif ask.dim is None:
+        t = reader.whole(ask.tensor)
+    else:
+        t = (reader.rows if ask.dim == 0 else reader.cols)(ask.tensor, [(ask.start, ask.stop)])
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@dataclass
+class Offered:
+    model_dir: Path
+    manifest: Manifest
+    readers: threading.local = field(default_factory=threading.local)  # a SliceReader per serving thread
+
+    def reader(self) -> SliceReader:
+        if getattr(self.readers, "r", None) is None:
+            self.readers.r = SliceReader(self.model_dir)
+        return self.readers.r
+
+
+def create_app(models: dict[str, Offered]):
+    """The model API, behind `SignedApi`: only agents of the pool get a byte."""
+    app = FastAPI(title="llmd models", default_response_class=PlainJSON, openapi_url=None, docs_url=None,
+                  redoc_url=None)
+    plain_errors(app)
+
+    def offered(model_id: str) -> Offered | None:
+        return models.get(model_id)
+
+    @app.get("/v1/models/{model_id}/manifest")
+    def manifest(model_id: str):
+        m = offered(model_id)
+        return error(404, "no such model here") if m is None else m.manifest.to_dict()
+
+    @app.get("/v1/models/{model_id}/files/{name}")
+    def small_file(model_id: str, name: str):
+        m = offered(model_id)
+        if m is None or name not in m.manifest.files:
+            return error(404, "no such model file here")
+        return Response((m.model_dir / name).read_bytes(), media_type="application/octet-stream")
+
+    @app.post("/v1/models/{model_id}/slice")
+    def one_slice(model_id: str, ask: SliceAsk):
+        m = offered(model_id)
+        if m is None or ask.tensor not in m.manifest.tensors:
+            return error(404, "no such model or tensor here")
+        try:
+            size = slice_bytes(m.manifest.tensors[ask.tensor], ask)
+        except ValueError as e:
+            return error(400, str(e))
+        if size > MAX_SLICE_BYTES:
+            return error(413, f"a slice of {size} bytes is over the {MAX_SLICE_BYTES} an answer holds: ask in parts")
+        return Response(read_slice(m.reader(), ask), media_type="application/octet-stream")
+
+    return app
+
+
+class ModelServer:
+    """The host's models, served on its LAN address to the pool's agents while a launch runs."""
+
+    def __init__(self, address: str, secret: str):
+        self.server_id = uuid.uuid4().hex[:16]
+        self.models: dict[str, Offered] = {}
+        self._server = ThreadServer(address)
+        self.address, self.port = self._server.address, self._server.port
+        verifier = Verifier(secret, receiver_name(self.server_id, self.address, self.port))
+        # Answers are signed whole, so they are held whole: a slice is capped to keep that small.
+        self._server.start(SignedApi(create_app(self.models), verifier))
+
+    def offer(self, model_dir: Path) -> Source:
+        manifest = make_manifest(model_dir)
+        self.models.setdefault(manifest.id, Offered(Path(model_dir), manifest))
+        return Source(self.address, self.port, self.server_id, manifest.id)
+
+    def close(self) -> None:
+        self._server.close()
