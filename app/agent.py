@@ -30,6 +30,8 @@ from llmd.engine.partition import load_plan
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
 from .guard import PlainJSON, SignedApi, bound_socket, error, plain_errors, server_config
+from .model_cache import CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, HostClient, prepare, read_progress, source_to_env
+from .models import ModelUnavailable, Source, make_manifest
 from .net import engine_env, worker_failure
 from .options import EngineOptions
 from .rendezvous import rendezvous_url, worker_command
@@ -48,6 +50,21 @@ class RankAssignment(Strict):
     device: str = Field(pattern=r"^(cpu|cuda:\d{1,3})$")
 
 
+class ModelSource(Strict):
+    """Where the host serves the launch's model (app/models.py), and the model's id by content."""
+
+    address: str = Field(min_length=2, max_length=45)
+    port: int = Field(ge=1, le=65535)
+    server_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    model_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+    @field_validator("address")
+    @classmethod
+    def an_ip_address(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
 class LaunchRequest(Strict):
     launch_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     master_addr: str = Field(min_length=2, max_length=45)
@@ -64,6 +81,7 @@ class LaunchRequest(Strict):
     compile: bool = False
     reshardable: bool = False
     slowdown: list[tuple[int, float, int]] = Field(default_factory=list, max_length=4096)
+    source: ModelSource | None = None  # None: the model must be on this agent's disk
 
     @field_validator("master_addr")
     @classmethod
@@ -77,7 +95,7 @@ class StopRequest(Strict):
 
 
 def launch_options(req: LaunchRequest) -> EngineOptions:
-    wire = req.model_dump(exclude={"launch_id", "master_addr", "master_port", "model", "ranks"})
+    wire = req.model_dump(exclude={"launch_id", "master_addr", "master_port", "model", "ranks", "source"})
     slowdown = tuple(tuple(s) for s in wire.pop("slowdown"))
     return EngineOptions(**wire, slowdown=slowdown)
 
@@ -94,6 +112,17 @@ def agent_model(name: str) -> Path:
         raise LaunchRefused(str(e)) from None
 
 
+def local_copy(name: str, model_id: str) -> Path | None:
+    """The model on this agent's own disk, where the launch names it, if its content is the host's."""
+    if name != "default" and Path(name).suffix == ".gguf":
+        return None
+    try:
+        here = resolve_model(name)
+        return here if make_manifest(here).id == model_id else None
+    except (LlmdError, OSError, ValueError, KeyError):
+        return None
+
+
 @dataclass
 class WorkerProcess:
     launch_id: str
@@ -101,12 +130,14 @@ class WorkerProcess:
     device: str
     proc: subprocess.Popen
     log: Path
+    fetch: Path | None = None  # its progress fetching slices from the host, when it does
 
     def status(self) -> dict:
         code = self.proc.poll()
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return {"launch_id": self.launch_id, "rank": self.rank, "device": self.device, "pid": self.proc.pid,
-                "running": code is None, "exit_code": code, "last_line": worker_failure(text)}
+                "running": code is None, "exit_code": code, "last_line": worker_failure(text),
+                "fetch": read_progress(self.fetch) if self.fetch else None}
 
 
 @dataclass
@@ -118,6 +149,7 @@ class AgentState:
     verifier: Verifier
     threads: int | None = None  # torch threads per CPU worker; None: cores / CPU workers
     memory_cap_mb: int | None = None  # the most RAM the CPU workers may use, all together
+    cache_max_bytes: int | None = None  # the most the cache of fetched models may hold
     workers: list[WorkerProcess] = field(default_factory=list)
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llmd-agent-")))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -136,13 +168,15 @@ class AgentState:
     def launch(self, req: LaunchRequest) -> list[dict]:
         """Start the request's ranks, once the whole request is known to be good: a refused launch
         leaves nothing running."""
-        model_dir = self.check(req)
+        model_dir, fetch_from = self.check(req)
         options = launch_options(req)
         cpu_workers = sum(1 for r in req.ranks if r.device == "cpu")
         threads = self.threads or max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
         # The workers prove themselves to the rendezvous with the pool secret, which never crosses the wire.
         env = dict(os.environ, PYTHONUNBUFFERED="1", LLMD_RENDEZVOUS_KEY=self.verifier.secret,
                    **engine_env(self.address))
+        if fetch_from is not None:  # the workers fetch their slices into this agent's cache
+            env.update({SOURCE_ENV: source_to_env(fetch_from), CACHE_MAX_ENV: str(self.cache_max_bytes or 0)})
         started: list[WorkerProcess] = []
         with self.lock:
             if any(w.launch_id == req.launch_id for w in self.workers):
@@ -151,11 +185,12 @@ class AgentState:
                 for r in req.ranks:
                     spec = options.rank_spec(str(model_dir), r.rank, threads, device=r.device)
                     log = self.logdir / f"{req.launch_id}-rank{r.rank}.log"
+                    fetch = self.logdir / f"{req.launch_id}-rank{r.rank}.fetch.json" if fetch_from else None
                     cmd = worker_command(spec, rendezvous_url(req.master_addr, req.master_port), req.launch_id)
                     with open(log, "w") as f:
                         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env)
-                    started.append(WorkerProcess(req.launch_id, r.rank, r.device, proc, log))
+                                                env={**env, PROGRESS_ENV: str(fetch)} if fetch else env)
+                    started.append(WorkerProcess(req.launch_id, r.rank, r.device, proc, log, fetch))
             except BaseException:
                 for w in started:
                     w.proc.kill()
@@ -164,8 +199,9 @@ class AgentState:
             self.workers += started
         return [w.status() for w in started]
 
-    def check(self, req: LaunchRequest) -> Path:
-        """Why the request cannot run (LaunchRefused), else the model directory it names."""
+    def check(self, req: LaunchRequest) -> tuple[Path, Source | None]:
+        """Why the request cannot run (LaunchRefused), else the model directory it names and, when this
+        agent lacks the model's weights, where its workers fetch their slices."""
         ranks = [r.rank for r in req.ranks]
         if len(set(ranks)) != len(ranks):
             raise LaunchRefused(f"ranks {ranks} name a rank twice")
@@ -173,7 +209,7 @@ class AgentState:
         over = [f"{n} x {d}" for d, n in asked.items() if n > offered[d]]
         if over:
             raise LaunchRefused(f"this agent offers {self.devices}, not {', '.join(over)}")
-        model_dir = agent_model(req.model)
+        model_dir, fetch_from = self.locate(req)
         try:
             cfg = ModelConfig.from_hf(load_hf_config(model_dir))
             plan = load_plan(json.dumps(req.plan), cfg, source="the launch's plan",
@@ -188,7 +224,21 @@ class AgentState:
             if not (0 <= rank < plan.world_size and 1 <= factor <= 100 and step >= 0):
                 raise LaunchRefused(f"slowdown {[rank, factor, step]} needs a rank of the plan, a factor "
                                     "from 1 to 100 and a step >= 0")
-        return model_dir
+        return model_dir, fetch_from
+
+    def locate(self, req: LaunchRequest) -> tuple[Path, Source | None]:
+        """Local files win: the model on this disk when its content is the host's, else its small files
+        fetched into the cache (once per model), the workers fetching their slices after."""
+        if req.source is None:
+            return agent_model(req.model), None
+        source = Source(**req.source.model_dump())
+        here = local_copy(req.model, source.model_id)
+        if here is not None:
+            return here, None
+        try:
+            return prepare(source, HostClient(source, self.verifier.secret)), source
+        except (ModelUnavailable, OSError, ValueError) as e:
+            raise LaunchRefused(f"this agent lacks the model and could not fetch it: {e}") from None
 
     def stop(self, launch_id: str | None = None) -> int:
         with self.lock:
@@ -274,7 +324,7 @@ class QuietServer(uvicorn.Server):
 
 
 def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str | None,
-              threads: int | None = None, memory_cap_mb: int | None = None) -> None:
+              threads: int | None = None, memory_cap_mb: int | None = None, cache_max_bytes: int | None = None) -> None:
     inv = inventory.read_inventory()
     devices = offered_devices(devices_spec, inv)
     sock = bound_socket(address, port)
@@ -283,7 +333,7 @@ def run_agent(name: str, address: str, port: int, secret: str, devices_spec: str
     agent_id = uuid.uuid4().hex
     state = AgentState(agent_id=agent_id, name=name, address=address, devices=devices,
                        verifier=Verifier(secret, receiver_name(agent_id, address, port)), threads=threads,
-                       memory_cap_mb=memory_cap_mb)
+                       memory_cap_mb=memory_cap_mb, cache_max_bytes=cache_max_bytes)
     cpu_n = devices.count("cpu")
     advert = Advert(agent_id=state.agent_id, name=name, version=llmd.__version__,
                     devices=inventory.device_summary(inv, cpu_n), device_count=len(devices),

@@ -7,7 +7,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmd.engine import quant
@@ -108,6 +108,9 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
     agent.add_argument("--devices", help="cpu:N to offer N CPU workers (default: every NVIDIA GPU, else cpu:1)")
     agent.add_argument("--threads", type=int, help="torch threads per CPU worker (default: cores / CPU workers)")
     agent.add_argument("--memory-mb", type=int, help="the most RAM its CPU workers may use together (default: all free)")
+    agent.add_argument("--cache-max-gb", type=float,
+                       help="the most disk the slices it fetches from the host may take; least recently used go "
+                            "first (default: no bound)")
     add_network_options(agent)
 
     plan = sub.add_parser("plan", help="plan how a model splits over devices, with predictions",
@@ -321,10 +324,29 @@ def start_cluster(args) -> tuple[Setup, Cluster, "Host | None"]:
         setup = prepare(args, world_size=1 + sum(len(d) for _, d in agents))
         check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
                           for d, f in zip(h["devices"], h["device_free_mb"], strict=True)])
-        return setup, RemoteCluster(setup.spec, args.model, agents, address, setup.balancer), host
+        cluster = RemoteCluster(setup.spec, args.model, agents, address, setup.balancer)
+        cluster.on_fetch = FetchPrinter()
+        return setup, cluster, host
     except BaseException:
         host.close()
         raise
+
+
+class FetchPrinter:
+    """The agents' fetches of their slices on stderr, a line each at most every second."""
+
+    def __init__(self, every_s: float = 1.0):
+        self.every_s, self.last = every_s, 0.0
+
+    def __call__(self, fetches) -> None:
+        done = all(f.bytes >= f.total for f in fetches)
+        if time.monotonic() - self.last < self.every_s and not done:
+            return
+        self.last = time.monotonic()
+        for f in fetches:
+            left = "" if f.left_s is None or f.bytes >= f.total else f", {f.left_s:.0f} s left"
+            print(f"llmd: the agent at {f.agent} fetched {f.bytes / 1e6:.1f} of {f.total / 1e6:.1f} MB of its "
+                  f"slices, {f.rate / 1e6:.1f} MB/s{left}", file=sys.stderr, flush=True)
 
 
 def check_fit(setup: Setup, remote_devices: list[tuple[str, str, int]]) -> None:
@@ -384,6 +406,7 @@ def generate_on(args, setup: Setup, cluster: Cluster) -> int:
         "migrations": gen.migrations,
         "rank_step_ms": gen.rank_step_ms,
         "decode_step_ms": [round(t, 3) for t in gen.decode_step_ms],
+        "fetched": [asdict(f) for f in cluster.fetched()],
     }))
     return 0
 
@@ -423,8 +446,11 @@ def cmd_chat(args) -> int:
 def cmd_agent(args) -> int:
     from .agent import run_agent
 
+    if args.cache_max_gb is not None and args.cache_max_gb <= 0:
+        raise LlmdError("--cache-max-gb must be more than 0")
+    cache_max = int(args.cache_max_gb * 2**30) if args.cache_max_gb else None
     run_agent(args.name, args.address or primary_address(), args.port, read_secret(args.secret_file), args.devices,
-              args.threads, args.memory_mb)
+              args.threads, args.memory_mb, cache_max)
     return 0
 
 

@@ -3,7 +3,9 @@ across the joined agents' devices with rank 0 (the driver) in its own process.""
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from llmd.engine.balancer import BalancerConfig
 from llmd.engine.errors import LlmdError, WorkerLost
@@ -12,6 +14,7 @@ from llmd.engine.worker import RankSpec
 from .client import AgentClient, AgentRefused, AgentUnreachable
 from .discovery import Browser, Peer, open_zeroconf
 from .launch import Cluster
+from .models import ModelServer
 from .options import EngineOptions
 
 HEARTBEAT_S = 1.0
@@ -121,8 +124,20 @@ class Host:
         raise NoAgents(f"no agent named {name!r} (known: {', '.join(s.peer.advert.name for s in self.peers())})")
 
 
+@dataclass(frozen=True)
+class Fetch:
+    """What an agent's workers have fetched of their slices from this host, all together."""
+
+    agent: str  # its control address
+    bytes: int
+    total: int
+    rate: float  # bytes a second
+    left_s: float | None
+
+
 class RemoteCluster(Cluster):
-    """Rank 0 here; ranks 1.. on the agents' devices, in the order given."""
+    """Rank 0 here; ranks 1.. on the agents' devices, in the order given. The model's files are served to
+    the agents that lack them (app/models.py) for as long as the engine runs, balancer moves included."""
 
     def __init__(self, spec: RankSpec, model: str, agents: list[tuple[AgentClient, list[str]]], address: str,
                  balancer: BalancerConfig | None = None):
@@ -132,8 +147,25 @@ class RemoteCluster(Cluster):
         self.rendezvous_key = agents[0][0].secret  # every agent gives it to its workers; it is never sent
         self._launched: list[AgentClient] = []
         self._owner: dict[int, str] = {}
+        self.models: ModelServer | None = None
+        self.fetches: dict[int, dict] = {}  # rank -> its worker's fetch progress, as its agent last said
+        self.on_fetch: Callable[[list[Fetch]], None] | None = None
+
+    def fetched(self) -> list[Fetch]:
+        """Per agent, what its workers fetched of this launch's slices (none for an agent with the files)."""
+        by_agent: dict[str, list[dict]] = {}
+        for rank, f in sorted(self.fetches.items()):
+            by_agent.setdefault(self._owner[rank], []).append(f)
+        out = []
+        for agent, fs in by_agent.items():
+            done, total = sum(f["bytes"] for f in fs), sum(f["total"] for f in fs)
+            rate = sum(f["rate"] for f in fs)
+            out.append(Fetch(agent, done, total, rate, (total - done) / rate if rate > 0 else None))
+        return out
 
     def start_other_ranks(self, address: str, port: int) -> None:
+        self.models = ModelServer(address, self.rendezvous_key)
+        source = asdict(self.models.offer(Path(self.spec.model_dir)))
         rank = 1
         for client, devices in self.agents:
             ranks = [{"rank": rank + i, "device": d} for i, d in enumerate(devices)]
@@ -142,24 +174,36 @@ class RemoteCluster(Cluster):
             rank += len(devices)
             client.post("/v1/launch", {
                 "launch_id": self.launch_id, "master_addr": address, "master_port": port, "model": self.model,
-                "ranks": ranks, **EngineOptions.of(self.spec).wire(),
+                "ranks": ranks, **EngineOptions.of(self.spec).wire(), "source": source,
             }, timeout_s=max(120.0, self.spec.timeout_s))
             self._launched.append(client)
 
     def check_workers(self) -> None:
+        fetches = dict(self.fetches)
         for client in self._launched:
             try:
                 workers = client.get("/v1/workers", timeout_s=5)["workers"]
             except (AgentUnreachable, AgentRefused) as e:
                 raise WorkerLost(f"lost the agent at {client.base}: {e}") from None
             for w in workers:
+                if w["launch_id"] == self.launch_id and w.get("fetch"):
+                    self.fetches[w["rank"]] = w["fetch"]
                 if w["launch_id"] == self.launch_id and not w["running"]:
                     why = f": {w['last_line']}" if w["last_line"] else ""
                     raise WorkerLost(f"worker rank {w['rank']} on {client.base} exited with code {w['exit_code']}{why}")
 
+        if self.on_fetch and self.fetches != fetches:
+            self.on_fetch(self.fetched())
+
+    def after_connect(self) -> None:
+        super().after_connect()
+        self.check_workers()  # every rank has loaded: its fetch's last word is in
     def stop_other_ranks(self) -> None:
         for client in self._launched:
             try:
                 client.post("/v1/stop", {"launch_id": self.launch_id}, timeout_s=15)
             except LlmdError:
                 pass  # the agent is gone; its workers die with their sockets
+        if self.models is not None:
+            self.models.close()
+            self.models = None

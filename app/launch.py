@@ -165,6 +165,10 @@ class Cluster:
     def stop_other_ranks(self) -> None:
         pass
 
+    def fetched(self) -> list:
+        """What agents fetched of the model for this launch (app/host.py `Fetch`): none for local workers."""
+        return []
+
 
 class LocalCluster(Cluster):
     """N ranks on this machine over loopback, sharing memory for small all-reduces."""

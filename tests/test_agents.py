@@ -58,6 +58,7 @@ def test_generation_across_agents_matches_transformers_until_one_is_lost(pool, d
     out = parse_json_line(run.stdout)
     assert out["plan"]["world_size"] == 3  # the host's driver holds rank 0, the agents ranks 1 and 2
     assert out["token_ids"] == hf_greedy(default_model_dir, out["prompt_token_ids"], 12)
+    assert out["fetched"] == []  # local files win: the agents have the bundled model, so they fetch nothing
 
     proc = subprocess.Popen([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", "127.0.0.1",
                              "--threads", "1", "--compile", "off", "--greedy", "--ignore-eos", "--max-new-tokens", "1500",
