@@ -200,14 +200,14 @@ def slice_bytes(entry: TensorEntry, ask: SliceAsk) -> int:
     return entry.nbytes // entry.shape[ask.dim] * (ask.stop - ask.start)
 
 
-def read_slice(reader: SliceReader, ask: SliceAsk) -> bytes:
+def read_slice(reader: SliceReader, ask: SliceAsk) -> memoryview:
     if ask.kind == "int8_scales":
         t = quant.int8_scales(reader.whole(ask.tensor))
     elif ask.dim is None:
         t = reader.whole(ask.tensor)
     else:
         t = (reader.rows if ask.dim == 0 else reader.cols)(ask.tensor, [(ask.start, ask.stop)])
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+    return memoryview(t.contiguous().view(torch.uint8).numpy())  # sent as it is: no copy
 
 
 @dataclass

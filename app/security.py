@@ -5,8 +5,10 @@ body, made with the pool secret. The receiver is who is meant and where: `ID@ADD
 agent's id (or a launch's) and the address it listens on, so a request captured on its way to one
 receiver, or to an impostor that claims its id, is refused by every other. The receiver refuses
 an unsigned, malformed, wrongly signed, misaddressed, stale (outside the replay window) or replayed
-(nonce seen) request before acting on it. Its answer is signed over the request's nonce, so the
-sender trusts only a receiver that holds the secret, and an answer cannot be replayed either.
+(nonce seen) request before acting on it. Its answer is signed over the request's nonce and the
+SHA-256 of its body, so the sender trusts only a receiver that holds the secret, and an answer cannot
+be replayed either. (Over the body's hash, not the body: an agent fetching model slices hashes each
+once, and that one hash both proves the answer and names the chunk in its cache.)
 """
 
 import hashlib
@@ -81,8 +83,13 @@ def request_signature(secret: str, method: str, target: str, receiver: str, time
     return _mac(secret, "llmd-request", method.upper(), target, receiver, timestamp, nonce, body=body)
 
 
-def answer_signature(secret: str, status: int, receiver: str, nonce: str, body: bytes) -> str:
-    return _mac(secret, "llmd-answer", str(status), receiver, nonce, body=body)
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def answer_signature(secret: str, status: int, receiver: str, nonce: str, digest: str) -> str:
+    """`digest`: the answer body's `body_digest`."""
+    return _mac(secret, "llmd-answer", str(status), receiver, nonce, digest, body=b"")
 
 
 def signed_headers(secret: str, method: str, target: str, receiver: str, body: bytes = b"") -> dict[str, str]:
@@ -92,10 +99,12 @@ def signed_headers(secret: str, method: str, target: str, receiver: str, body: b
 
 
 def answer_is_genuine(secret: str, request_headers: dict[str, str], status: int, answer_headers,
-                      body: bytes) -> bool:
-    """Whether an answer was signed, with the secret, for this very request."""
+                      body: bytes, digest: str | None = None) -> bool:
+    """Whether an answer was signed, with the secret, for this very request (`digest`: the body's, when
+    the caller has it already)."""
     sig = answer_headers.get(HEADER_ANSWER, "")
-    expected = answer_signature(secret, status, request_headers[HEADER_RECEIVER], request_headers[HEADER_NONCE], body)
+    expected = answer_signature(secret, status, request_headers[HEADER_RECEIVER], request_headers[HEADER_NONCE],
+                                digest or body_digest(body))
     return bool(FORMATS[HEADER_SIG].fullmatch(sig)) and hmac.compare_digest(expected, sig)
 
 
@@ -140,4 +149,4 @@ class Verifier:
         return Verdict(None, values[HEADER_NONCE])
 
     def sign_answer(self, status: int, nonce: str, body: bytes) -> str:
-        return answer_signature(self.secret, status, self.receiver, nonce, body)
+        return answer_signature(self.secret, status, self.receiver, nonce, body_digest(body))
