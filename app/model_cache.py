@@ -34,7 +34,7 @@ from llmd.engine import quant
 from llmd.engine.checkpoint import SAFETENSORS_DTYPES, cache_root
 from llmd.engine.sharding import Read
 
-from .models import Manifest, ModelUnavailable, Source
+from .models import CASTS, Manifest, ModelUnavailable, Part, Source, parts
 from .security import answer_is_genuine, body_digest, signed_headers
 
 CHUNK_BYTES = 4 << 20  # whole rows (or columns) up to this much a chunk: the unit of resuming
@@ -222,11 +222,12 @@ class HostClient:
     def file(self, name: str) -> bytes:
         return self.call("GET", f"/v1/models/{self.source.model_id}/files/{name}")
 
-    def slice(self, tensor: str, kind: str, dim: int, start: int, stop: int) -> tuple[memoryview, str]:
+    def slice(self, tensor: str, kind: str, dim: int, start: int, stop: int,
+              group: int | None = None) -> tuple[memoryview, str]:
         """A slice's bytes (valid until this thread's next call) and their SHA-256."""
-        ask = {"tensor": tensor, "kind": kind}
-        if kind == "raw":
-            ask.update(dim=dim, start=start, stop=stop)
+        ask = {"tensor": tensor, "kind": kind, "dim": dim, "start": start, "stop": stop}
+        if group is not None:
+            ask["group"] = group
         return self.answer("POST", f"/v1/models/{self.source.model_id}/slice", ask)
 
 
@@ -283,7 +284,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Want:
-    """A piece of a tensor the cache lacks: [start, stop) along `dim` of a tensor (of `kind`)."""
+    """A slice the cache lacks: [start, stop) along `dim` of a tensor, in `kind` (app/models.py KINDS)."""
 
     tensor: str
     kind: str
@@ -291,14 +292,25 @@ class Want:
     start: int
     stop: int
     nbytes: int
+    group: int | None = None
+
+    @property
+    def key(self) -> str:
+        return cache_kind(self.kind, self.group)
+
+
+def cache_kind(kind: str, group: int | None) -> str:
+    """What the index calls a kind: int4 slices of another group size are other bytes."""
+    return f"{kind}-g{group}" if kind == "int4" else kind
 
 
 class FetchingReader:
     """The checkpoint reader's methods (`engine/checkpoint.py` SliceReader) over the cache, fetching
-    what it lacks from the host first."""
+    what it lacks from the host first. Quantised slices travel quantised; with `dense` set to bf16 or
+    fp16, wider dense tensors travel cast to it (the rank casts them so anyway)."""
 
-    def __init__(self, manifest: Manifest, cache: ChunkCache, client: HostClient):
-        self.manifest, self.cache, self.client = manifest, cache, client
+    def __init__(self, manifest: Manifest, cache: ChunkCache, client: HostClient, dense: str = "raw"):
+        self.manifest, self.cache, self.client, self.dense = manifest, cache, client, dense
         self.model = manifest.id
         self.opened: list[str] = []  # the checkpoint's files are the host's: none is opened here
         self.using: set[str] = set()  # chunks read by this reader: never evicted under it
@@ -314,40 +326,40 @@ class FetchingReader:
         return name in self.manifest.tensors
 
     def whole(self, name: str) -> torch.Tensor:
-        entry = self.manifest.tensors[name]
-        return self._take(name, "raw", 0, [(0, entry.shape[0])]).view(entry.shape)
+        shape = self.manifest.tensors[name].shape
+        return self._take(name, self._dense(name), 0, [(0, shape[0])])[0].view(shape)
 
     def rows(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        return self._take(name, "raw", 0, ranges)
+        return self._take(name, self._dense(name), 0, ranges)[0]
 
     def cols(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        return self._take(name, "raw", 1, ranges)
+        return self._take(name, self._dense(name), 1, ranges)[0]
 
-    def int8_columns(self, name: str, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """As the checkpoint reader quantises them, from the columns and the host's whole-row scales."""
-        rows = self.manifest.tensors[name].shape[0]
-        scales = self._take(name, "int8_scales", 0, [(0, rows)])
-        return quant.quantise_int8(self.cols(name, ranges), scales), scales
+    def quantised(self, name: str, dim: int, ranges: list[tuple[int, int]], weights: str,
+                  group: int | None = None) -> tuple[torch.Tensor, ...]:
+        got = self._take(name, weights, dim, ranges, group)
+        if weights == "int4":
+            got[0] = quant.unpack_pairs(got[0])
+        return tuple(got)
 
     # Fetching.
-    def wants(self, reads: list[Read]) -> list[Want]:
-        """What the cache lacks of `reads` (engine/sharding.py `reads`), in chunks."""
+    def wants(self, reads: list[Read], group: int | None = None) -> list[Want]:
+        """What the cache lacks of `reads` (engine/sharding.py `reads`; `group`: int4's), in chunks."""
         out = []
         for r in reads:
             entry = self.manifest.tensors[r.name]
             dim, ranges = (0, [(0, entry.shape[0])]) if r.dim is None else (r.dim, list(r.ranges))
-            out += self._missing(r.name, "raw", dim, ranges)
-            if r.int8_scales:
-                out += self._missing(r.name, "int8_scales", 0, [(0, entry.shape[0])])
+            kind = self._dense(r.name) if r.form == "dense" else r.form
+            out += self._missing(r.name, kind, dim, ranges, group if kind == "int4" else None)
         return out
 
     def fetch(self, wants: list[Want], progress: Callable[[int], None] | None = None) -> None:
         """Fetch the chunks, several in flight; each is in the cache once this returns."""
         def one(w: Want) -> None:
-            data, sha = self.client.slice(w.tensor, w.kind, w.dim, w.start, w.stop)
+            data, sha = self.client.slice(w.tensor, w.kind, w.dim, w.start, w.stop, w.group)
             if len(data) != w.nbytes:
                 raise ModelUnavailable(f"the host sent {len(data)} bytes of {w.tensor}, not {w.nbytes}")
-            chunk = self.cache.put(self.model, w.tensor, w.kind, w.dim, w.start, w.stop, data, sha)
+            chunk = self.cache.put(self.model, w.tensor, w.key, w.dim, w.start, w.stop, data, sha)
             self.using.add(chunk.sha256)
             if progress:
                 progress(len(data))
@@ -362,17 +374,25 @@ class FetchingReader:
             pool.shutdown(cancel_futures=True)
         self.cache.evict(keep=self.using)
 
-    def _geometry(self, name: str, kind: str) -> tuple[torch.dtype, list[int]]:
-        entry = self.manifest.tensors[name]
-        if kind == "int8_scales":
-            return torch.bfloat16, [entry.shape[0]]
-        return SAFETENSORS_DTYPES[entry.dtype], list(entry.shape)
+    def _dense(self, name: str) -> str:
+        """How a dense tensor travels: cast when that narrows it, else as stored."""
+        stored = SAFETENSORS_DTYPES[self.manifest.tensors[name].dtype]
+        target = CASTS.get(self.dense)
+        if target is None or not stored.is_floating_point or stored.itemsize <= target.itemsize:
+            return "raw"
+        return self.dense
 
-    def _missing(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> list[Want]:
-        dtype, shape = self._geometry(name, kind)
-        per = dtype.itemsize * (shape[0] if dim == 1 else _rest(shape))  # bytes per index along dim
-        block = max(1, CHUNK_BYTES // max(per, 1))
-        chunks = self.cache.chunks(self.model, name, kind, dim)
+    def _parts(self, name: str, kind: str, dim: int, n: int, group: int | None) -> list[Part]:
+        entry = self.manifest.tensors[name]
+        return parts(kind, SAFETENSORS_DTYPES[entry.dtype], entry.shape, dim, n, group)
+
+    def _missing(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]],
+                 group: int | None = None) -> list[Want]:
+        per = sum(p.nbytes for p in self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group))
+        unit = group if kind == "int4" and dim == 1 else 1  # int4 columns go in whole groups
+        per_index = per / unit
+        block = max(unit, int(CHUNK_BYTES // max(per_index, 1)) // unit * unit)
+        chunks = self.cache.chunks(self.model, name, cache_kind(kind, group), dim)
         out = []
         for a, b in ranges:
             for start, stop, chunk in cover(a, b, chunks):
@@ -380,34 +400,45 @@ class FetchingReader:
                     continue
                 # Cut at fixed multiples of `block`: the same slice is the same chunks on every machine.
                 edges = sorted({start, stop, *range((start // block + 1) * block, stop, block)})
-                out += [Want(name, kind, dim, s, e, per * (e - s)) for s, e in zip(edges, edges[1:])]
+                out += [Want(name, kind, dim, s, e, sum(p.nbytes for p in self._parts(name, kind, dim, e - s, group)),
+                             group) for s, e in zip(edges, edges[1:])]
         return out
 
-    def _take(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    def _take(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]],
+              group: int | None = None) -> list[torch.Tensor]:
         for _ in range(TRIES):
-            self.fetch(self._missing(name, kind, dim, ranges))
+            self.fetch(self._missing(name, kind, dim, ranges, group))
             try:
-                return self._assemble(name, kind, dim, ranges)
+                return self._assemble(name, kind, dim, ranges, group)
             except CorruptChunk:
                 continue  # forgotten: the next round fetches it again
         raise ModelUnavailable(f"the chunks of {name} keep failing their checksums")
 
-    def _assemble(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
-        dtype, shape = self._geometry(name, kind)
-        chunks = self.cache.chunks(self.model, name, kind, dim)
-        parts = []
+    def _assemble(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]],
+                  group: int | None) -> list[torch.Tensor]:
+        chunks = self.cache.chunks(self.model, name, cache_kind(kind, group), dim)
+        pieces: list[list[torch.Tensor]] = []
         for a, b in ranges:
             for start, stop, chunk in cover(a, b, chunks):
                 if chunk is None:
                     raise CorruptChunk(f"{name} [{start}, {stop}) went missing")
-                data = self.cache.read(chunk)
+                data = bytearray(self.cache.read(chunk))
                 self.using.add(chunk.sha256)
-                held = [*shape]
-                held[dim] = chunk.stop - chunk.start
-                t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).view(held)
-                parts.append(t.narrow(dim, start - chunk.start, stop - start))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-        return out.contiguous()
+                offset, held = 0, []
+                for p in self._parts(name, kind, dim, chunk.stop - chunk.start, group):
+                    t = torch.frombuffer(data, dtype=torch.uint8, offset=offset, count=p.nbytes)
+                    t = t.view(p.dtype).view(p.shape)
+                    offset += p.nbytes
+                    if p.joins is not None:
+                        t = t.narrow(p.joins, (start - chunk.start) * p.num // p.den, (stop - start) * p.num // p.den)
+                    held.append(t)
+                pieces.append(held)
+        out = []
+        for i, p in enumerate(self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group)):
+            column = [held[i] for held in pieces]
+            joined = column[0] if p.joins is None or len(column) == 1 else torch.cat(column, p.joins)
+            out.append(joined.contiguous())
+        return out
 
 
 def error_line(status: int, content: bytes) -> str:
@@ -483,9 +514,10 @@ def read_progress(path: Path) -> dict | None:
         return None
 
 
-def open_fetched(model_dir: Path, source: Source, secret: str, max_bytes: int | None = None) -> FetchingReader:
+def open_fetched(model_dir: Path, source: Source, secret: str, max_bytes: int | None = None,
+                 dense: str = "raw") -> FetchingReader:
     """The reader of a model an agent fetched: its manifest is in `model_dir` (see `prepare`)."""
     manifest = Manifest.from_dict(json.loads((Path(model_dir) / "manifest.json").read_text()))
     if manifest.id != source.model_id:
         raise ModelUnavailable(f"{model_dir} holds model {manifest.id}, not {source.model_id}")
-    return FetchingReader(manifest, ChunkCache(fetched_root(), max_bytes), HostClient(source, secret))
+    return FetchingReader(manifest, ChunkCache(fetched_root(), max_bytes), HostClient(source, secret), dense)

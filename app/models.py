@@ -10,6 +10,7 @@ the checkpoint's own `SliceReader`. The agents' side (cache, fetching) is app/mo
 
 import hashlib
 import json
+import math
 import os
 import threading
 import uuid
@@ -22,7 +23,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmd.engine import quant
-from llmd.engine.checkpoint import INDEX_FILE, SliceReader, cache_root, safetensors_header, weight_files
+from llmd.engine.checkpoint import (INDEX_FILE, SAFETENSORS_DTYPES, SliceReader, cache_root, safetensors_header,
+                                    weight_files)
 from llmd.engine.errors import LlmdError
 
 from .guard import PlainJSON, SignedApi, ThreadServer, error, plain_errors
@@ -114,8 +116,8 @@ def hash_weights(path: Path) -> tuple[FileEntry, dict[str, TensorEntry]]:
     with open(path, "rb") as f:
         whole.update(f.read(start))
         pos = start
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-        for name, e in entries:
+        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+        for name, e in sorted(entries, key=lambda kv: kv[1]["data_offsets"][0]):
             a, b = (start + o for o in e["data_offsets"])
             if a > pos:  # alignment padding between tensors: part of the file, of no tensor
                 whole.update(f.read(a - pos))
@@ -173,41 +175,88 @@ class Source:
         return receiver_name(self.server_id, self.address, self.port)
 
 
+KINDS = ("raw", "bf16", "fp16", "int8", "int4")  # as stored; cast to a narrower dtype; quantised
+CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class SliceAsk(BaseModel):
-    """One slice: a tensor whole (`dim` null), its rows [start, stop) (dim 0) or columns (dim 1);
-    `kind` int8_scales: the int8 scales of the tensor's whole rows (an int8 column slice needs them)."""
+    """One slice: rows [start, stop) (dim 0) or columns (dim 1) of a tensor, or the tensor whole (dim
+    null), in `kind`: as stored, cast, or quantised as the engine quantises it (int4 in groups of `group`)."""
 
     model_config = ConfigDict(extra="forbid")
     tensor: str = Field(min_length=1, max_length=512)
     dim: int | None = Field(default=None, ge=0, le=1)
     start: int = Field(default=0, ge=0, le=1 << 40)
     stop: int = Field(default=0, ge=0, le=1 << 40)
-    kind: str = Field(default="raw", pattern=r"^(raw|int8_scales)$")
+    kind: str = Field(default="raw", pattern=r"^(raw|bf16|fp16|int8|int4)$")
+    group: int | None = Field(default=None, ge=1, le=4096)
 
 
-def slice_bytes(entry: TensorEntry, ask: SliceAsk) -> int:
-    """What the slice weighs; ValueError when it is not a slice of the tensor."""
-    if ask.kind == "int8_scales":
-        if len(entry.shape) != 2:
-            raise ValueError("int8 scales are of 2-D tensors")
-        return entry.shape[0] * torch.bfloat16.itemsize
+@dataclass(frozen=True)
+class Part:
+    """One tensor of a slice as it travels and is cached. A slice of n indices along the split dimension
+    holds n * num / den of them along `joins` (int4: two values a byte, a scale a group); `joins` None:
+    the part is the same whatever the slice (int8 column slices carry their whole rows' scales)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    joins: int | None
+    num: int = 1
+    den: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parts(kind: str, dtype: torch.dtype, shape: list[int], dim: int, n: int, group: int | None = None) -> list[Part]:
+    """What a slice of `n` indices along `dim` of a tensor holds, in the order it is sent. ValueError: the
+    kind does not apply to this tensor."""
+    held = [*shape]
+    held[dim] = n
+    if kind == "raw":
+        return [Part(dtype, tuple(held), dim)]
+    if not dtype.is_floating_point:
+        raise ValueError(f"{kind} is for floating-point tensors, not {dtype}")
+    if kind in CASTS:
+        return [Part(CASTS[kind], tuple(held), dim)]
+    if len(shape) != 2:
+        raise ValueError(f"{kind} is for 2-D weights, not shape {shape}")
+    rows, cols = held
+    if kind == "int8":
+        return [Part(torch.int8, (rows, cols), dim), Part(torch.bfloat16, (rows,), 0 if dim == 0 else None)]
+    if kind != "int4" or group not in quant.GROUP_SIZES or cols % group:
+        raise ValueError(f"int4 needs a group of {' or '.join(map(str, quant.GROUP_SIZES))} dividing its {cols} inputs")
+    groups = Part(torch.bfloat16, (rows, cols // group), dim, 1, group if dim == 1 else 1)
+    return [Part(torch.uint8, (rows, cols // 2), dim, 1, 2 if dim == 1 else 1), groups, groups]
+
+
+def answer_parts(entry: TensorEntry, ask: SliceAsk) -> list[Part]:
+    """The parts of an asked slice; ValueError when it is not a slice of the tensor."""
+    dtype = SAFETENSORS_DTYPES[entry.dtype]
     if ask.dim is None:
-        return entry.nbytes
+        return parts(ask.kind, dtype, entry.shape, 0, entry.shape[0] if entry.shape else 1, ask.group)
     if ask.dim >= len(entry.shape) or not 0 <= ask.start < ask.stop <= entry.shape[ask.dim]:
         raise ValueError(f"[{ask.start}, {ask.stop}) is not a range of dimension {ask.dim} of shape {entry.shape}")
     if ask.dim == 1 and len(entry.shape) != 2:
         raise ValueError("columns are taken of 2-D tensors")
-    return entry.nbytes // entry.shape[ask.dim] * (ask.stop - ask.start)
+    if ask.kind == "int4" and ask.dim == 1 and (ask.start % (ask.group or 1) or ask.stop % (ask.group or 1)):
+        raise ValueError("int4 columns go in whole groups")
+    return parts(ask.kind, dtype, entry.shape, ask.dim, ask.stop - ask.start, ask.group)
 
 
-def read_slice(reader: SliceReader, ask: SliceAsk) -> memoryview:
-    if ask.kind == "int8_scales":
-        t = quant.int8_scales(reader.whole(ask.tensor))
-    elif ask.dim is None:
-        t = reader.whole(ask.tensor)
+def read_slice(reader: SliceReader, entry: TensorEntry, ask: SliceAsk) -> memoryview | bytes:
+    dim = 0 if ask.dim is None else ask.dim
+    ranges = [(0, entry.shape[0])] if ask.dim is None else [(ask.start, ask.stop)]
+    if ask.kind in quant.QUANTISED:
+        tensors = reader.quantised(ask.tensor, dim, ranges, ask.kind, ask.group)
+        if ask.kind == "int4":
+            tensors = (quant.pack_pairs(tensors[0]), *tensors[1:])
     else:
-        t = (reader.rows if ask.dim == 0 else reader.cols)(ask.tensor, [(ask.start, ask.stop)])
-    return memoryview(t.contiguous().view(torch.uint8).numpy())  # sent as it is: no copy
+        t = (reader.rows if dim == 0 else reader.cols)(ask.tensor, ranges)
+        tensors = (t.to(CASTS[ask.kind]) if ask.kind in CASTS else t,)
+    views = [memoryview(t.contiguous().view(torch.uint8).numpy()) for t in tensors]
+    return views[0] if len(views) == 1 else b"".join(views)  # one tensor is sent as it is: no copy
 
 
 @dataclass
@@ -248,13 +297,14 @@ def create_app(models: dict[str, Offered]):
         m = offered(model_id)
         if m is None or ask.tensor not in m.manifest.tensors:
             return error(404, "no such model or tensor here")
+        entry = m.manifest.tensors[ask.tensor]
         try:
-            size = slice_bytes(m.manifest.tensors[ask.tensor], ask)
+            size = sum(p.nbytes for p in answer_parts(entry, ask))
         except ValueError as e:
             return error(400, str(e))
         if size > MAX_SLICE_BYTES:
             return error(413, f"a slice of {size} bytes is over the {MAX_SLICE_BYTES} an answer holds: ask in parts")
-        return Response(read_slice(m.reader(), ask), media_type="application/octet-stream")
+        return Response(read_slice(m.reader(), entry, ask), media_type="application/octet-stream")
 
     return app
 
@@ -278,3 +328,39 @@ class ModelServer:
 
     def close(self) -> None:
         self._server.close()
+
+
+# ---- a folder of models (`llmd up --models-dir`)
+
+@dataclass(frozen=True)
+class Found:
+    """A model in a models folder: what `--model` takes for it, and its weights' size on disk."""
+
+    name: str
+    path: str
+    bytes: int
+    config: Path | None  # its config.json; None for a GGUF file (converted on first use)
+
+
+def find_models(root: Path) -> list[Found]:
+    """Every model directly in `root`: Hugging Face folders (config.json and safetensors weights), GGUF files,
+    and the snapshots of a Hugging Face cache (`root` is one, or holds `hub/`)."""
+    root = Path(root).expanduser()
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.is_file() and p.suffix == ".gguf":
+            out.append(Found(p.stem, str(p), p.stat().st_size, None))
+        elif p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+            out.append(Found(p.name, str(p), _weights_bytes(p), p / "config.json"))
+        elif p.is_dir() and p.name.startswith("models--") and (p / "refs" / "main").is_file():
+            snapshot = p / "snapshots" / (p / "refs" / "main").read_text().strip()
+            if (snapshot / "config.json").is_file() and any(snapshot.glob("*.safetensors")):
+                name = p.name.removeprefix("models--").replace("--", "/")
+                out.append(Found(name, str(snapshot), _weights_bytes(snapshot), snapshot / "config.json"))
+        elif p.is_dir() and p.name == "hub":
+            out += find_models(p)
+    return out
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -11,9 +11,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmd.engine.checkpoint import model_name
 from llmd.engine.sampling import SamplingParams
 
+from .host import Fetch
 from .keys import create_key, key_name
+from .models import Found
 from .serving import Event, Failed, Finished, PoolNotReady, Reply, Request, Ticket, Token
 from .store import Settings, Store
 from .supervisor import Engine, PoolConfig, Progress, Recipe, Supervisor
@@ -21,8 +24,8 @@ from .telemetry import Sources, Telemetry
 from .text import TextModel
 
 # The facade passes on what its callers need, so ui/ imports from here alone.
-__all__ = ["ChatSettings", "Event", "Failed", "Finished", "Pool", "PoolConfig", "PoolNotReady", "Progress", "Recipe",
-           "Reply", "Request", "Ticket", "Token", "Trimmed"]
+__all__ = ["ChatSettings", "Event", "Failed", "Fetch", "Finished", "Found", "Pool", "PoolConfig", "PoolNotReady",
+           "Progress", "Recipe", "Reply", "Request", "Ticket", "Token", "Trimmed"]
 
 
 @dataclass
@@ -114,6 +117,22 @@ class Pool:
     def relaunch(self) -> None:
         self.supervisor.relaunch()
 
+    # ---- the models folder
+
+    def models(self) -> list[tuple[Found, list[str]]]:
+        """The models folder's models, each with the precisions that fit the running engine's devices."""
+        return self.supervisor.models()
+
+    def models_dir(self) -> str | None:
+        return self.config.recipe.models_dir
+
+    def set_models_dir(self, folder: str) -> str:
+        return self.supervisor.set_models_dir(folder)
+
+    def switch_model(self, path: str) -> None:
+        """Relaunch the pool on one of the models folder's models."""
+        self.supervisor.switch_model(path)
+
     def expect_agents(self, count: int, timeout_s: float) -> None:
         self.supervisor.expect_agents(count, timeout_s)
 
@@ -133,7 +152,7 @@ class Pool:
     def model_name(self) -> str | None:
         """The running model's name (what the API lists), None while none runs."""
         engine = self.engine
-        return None if engine is None else Path(engine.spec.model_dir).name.split(".")[0]
+        return None if engine is None else model_name(Path(engine.spec.model_dir))
 
     def text_model(self) -> TextModel:
         return self._serving()[0].text

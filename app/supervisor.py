@@ -16,13 +16,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from llmd.engine.checkpoint import model_name
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import LlmdError
 from llmd.engine.partition import Device, plan_partition
 from llmd.engine.presets import DEVICE_KINDS
+from llmd.engine.quant import PRECISIONS, group_size
 from llmd.engine.worker import RankSpec
 
-from .host import Host, NoAgents, RemoteCluster
+from .host import Fetch, Host, NoAgents, RemoteCluster
+from .models import Found, find_models
 from .launch import Cluster, LocalCluster
 from .serving import Limits, Serving, describe_error
 from .store import Store
@@ -86,11 +89,12 @@ class Setup:
 class Recipe:
     """How to build an engine; the CLI supplies these so its option checks stay in one place."""
 
-    model: str  # as the user gave it: "default", a directory or a .gguf file
-    prepare: Callable[[int | None, bool], Setup]  # (world size, ranks 1.. on agents) -> resolved model and spec
+    model: str  # as the user gave it: "default", a directory, a Hugging Face id or a .gguf file
+    prepare: Callable[[int | None, bool, str], Setup]  # (world size, ranks 1.. on agents, model) -> its spec
     check_fit: Callable[[Setup, list[tuple[str, str, int]]], None]  # raises ModelDoesNotFit
     local: bool = False  # `llmd up`: every rank on this machine; `llmd host`: on the joined agents
     local_workers: int | None = None  # None: as many as the plan file has
+    models_dir: str | None = None  # a folder of models the page offers to switch to
 
 
 @dataclass
@@ -170,6 +174,7 @@ class Supervisor:
         self._launch_lock = threading.Lock()
         self._local_agent_joined = False
         self._measured: list[dict] = []  # each rank's weights and peak memory, read once the engine is up
+        self.fetches: dict[str, Fetch] = {}  # agent control address -> what its workers fetched this launch
 
     def start(self, local_agent_devices: str | None = None, local_agent: bool = True) -> None:
         """The agent child first (before any thread of ours exists), then discovery."""
@@ -197,6 +202,49 @@ class Supervisor:
     def launch_on_joined(self) -> None:
         """`llmd host`: rank 0 here, ranks 1.. on the joined agents' devices."""
         self._launch(self._build_remote)
+
+    def models(self) -> list[tuple[Found, list[str]]]:
+        """The models folder's models, each with the precisions the planner says fit the running engine's
+        devices (none known while no engine runs, or for a GGUF file before it is converted)."""
+        folder = self.config.recipe.models_dir
+        return [(m, self.fitting(m)) for m in find_models(Path(folder))] if folder else []
+
+    def fitting(self, model: Found) -> list[str]:
+        engine = self.engine
+        if engine is None or model.config is None:
+            return []
+        names = self.gpu_names()
+        devices = [planner_device(d.node, d.device, names.get(d.device, "")) for d in engine.devices]
+        if not all(devices):
+            return []
+        try:
+            cfg = ModelConfig.from_hf(load_hf_config(model.config.parent))
+        except (LlmdError, OSError, ValueError, KeyError):
+            return []
+        out = []
+        for precision in PRECISIONS:
+            try:
+                if precision == "int4":
+                    group_size(cfg)  # its sizes in whole groups, or UnsupportedModel
+                if plan_partition(cfg, devices, precision=precision, context=engine.spec.context).fits:
+                    out.append(precision)
+            except LlmdError:
+                pass
+        return out
+
+    def set_models_dir(self, folder: str) -> str:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise LlmdError(f"{folder} is not a folder on this machine")
+        self.config.recipe = replace(self.config.recipe, models_dir=str(path))
+        return str(path)
+
+    def switch_model(self, path: str) -> None:
+        """Relaunch on a model of the models folder (nothing else: the page names a model, not a path)."""
+        if path not in {m.path for m, _ in self.models()}:
+            raise LlmdError("that model is not in the models folder")
+        self.config.recipe = replace(self.config.recipe, model=path)
+        self.relaunch()
 
     def relaunch(self) -> None:
         """Apply the Cluster tab's joins: over the joined agents when one on another machine is joined,
@@ -260,7 +308,7 @@ class Supervisor:
 
     def _build_local(self) -> Engine:
         recipe = self.config.recipe
-        setup = recipe.prepare(recipe.local_workers, False)
+        setup = recipe.prepare(recipe.local_workers, False, recipe.model)
         cluster = ReportingLocalCluster(setup.spec, setup.world_size, setup.balancer)
         cluster.report = self._report
         device = "cpu" if setup.spec.device == "cpu" else "cuda"
@@ -275,11 +323,13 @@ class Supervisor:
             raise NoAgents("no joined agent answers: join at least one in the Cluster tab")
         health = [(s, self.host.client(s.peer).get("/v1/health")) for s in joined]
         agents = [(self.host.client(s.peer), h["devices"]) for s, h in health]
-        setup = recipe.prepare(1 + sum(len(d) for _, d in agents), True)
+        setup = recipe.prepare(1 + sum(len(d) for _, d in agents), True, recipe.model)
         recipe.check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
                                  for d, f in zip(h["devices"], h["device_free_mb"], strict=True)])
         cluster = ReportingRemoteCluster(setup.spec, recipe.model, agents, self.config.address, setup.balancer)
         cluster.report = self._report
+        self.fetches = {}
+        cluster.on_fetch = lambda fetches: setattr(self, "fetches", {f.agent: f for f in fetches})
         devices = [RankDevice(0, self.config.node, setup.spec.device)]
         devices += [RankDevice(len(devices) + i, s.peer.advert.name, d)
                     for s, h in health for i, d in enumerate(h["devices"])]
@@ -314,7 +364,10 @@ class Supervisor:
         """The peer table, with `local` marking this machine's own agent."""
         if self.host is None:
             return []
-        return [{**s.to_dict(), "local": self._is_local(s.peer.advert)} for s in self.host.peers()]
+        fetched = self.fetches
+        return [{**s.to_dict(), "local": self._is_local(s.peer.advert),
+                 "fetch": fetched.get(f"http://{s.peer.advert.address}:{s.peer.advert.port}")}
+                for s in self.host.peers()]
 
     def _is_local(self, advert) -> bool:
         return advert.name == self.config.node and advert.address == self.config.address
@@ -358,7 +411,7 @@ class Supervisor:
         for d in engine.devices:
             where[f"{d.node} {d.device}"] = where.get(f"{d.node} {d.device}", 0) + 1
         spread = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in where.items())
-        name = Path(engine.spec.model_dir).name.split(".")[0]
+        name = model_name(Path(engine.spec.model_dir))
         return f"{name}, {engine.spec.weights} weights, on {len(engine.devices)} rank(s) ({spread})"
 
     def close(self) -> None:

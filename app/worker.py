@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from llmd.engine import quant
 from llmd.engine.checkpoint import SliceReader
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.plan import Plan
@@ -23,9 +24,12 @@ def slices_reader(spec: RankSpec, key: str):
     if not source:
         return SliceReader
     max_bytes = int(os.environ.pop(CACHE_MAX_ENV, "0")) or None
-    reader = open_fetched(Path(spec.model_dir), source_from_env(source), key, max_bytes)
+    dense = {"bfloat16": "bf16", "float16": "fp16"}.get(spec.dtype, "raw")  # what the rank casts dense tensors to
+    reader = open_fetched(Path(spec.model_dir), source_from_env(source), key, max_bytes, dense)
     cfg = ModelConfig.from_hf(load_hf_config(Path(spec.model_dir)))
-    wants = reader.wants(reads(cfg, Plan.from_dict(spec.plan), spec.rank, spec.weights, set(reader.manifest.tensors)))
+    group = quant.group_size(cfg) if spec.weights == "int4" else None
+    wants = reader.wants(reads(cfg, Plan.from_dict(spec.plan), spec.rank, spec.weights, set(reader.manifest.tensors)),
+                         group)
     report = Reporter(spec.rank, sum(w.nbytes for w in wants), os.environ.pop(PROGRESS_ENV, None))
     reader.fetch(wants, progress=report)
     report.report()

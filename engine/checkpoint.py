@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -67,7 +68,41 @@ def resolve_model(spec: str) -> Path:
         if missing:
             raise ModelNotFound(f"{path} lacks {', '.join(missing)}, named in its {INDEX_FILE}")
         return path
-    raise ModelNotFound(f"no model at {spec!r}: give `default`, a Hugging Face model directory or a .gguf file")
+    if HF_ID.fullmatch(spec):
+        return resolve_model(str(hub_snapshot(spec)))
+    raise ModelNotFound(f"no model at {spec!r}: give `default`, a Hugging Face model directory, a model id in "
+                        "the Hugging Face cache (e.g. Qwen/Qwen2.5-0.5B-Instruct) or a .gguf file")
+
+
+def model_name(model_dir: Path) -> str:
+    """What to call a model directory: its id for a Hugging Face cache snapshot, else the folder's name
+    (a converted GGUF's up to its first dot)."""
+    p = Path(model_dir)
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return p.name.split(".")[0]
+
+
+HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """A model id's folder in this machine's Hugging Face cache; never downloaded (llmd runs offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache()
+    try:
+        return Path(snapshot_download(model_id, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelNotFound(f"{model_id} is not in the Hugging Face cache at {cache}: llmd never downloads at run "
+                            f"time; fetch it there first (e.g. `hf download {model_id}`), or give a folder") from None
 
 
 def file_digest(path: Path) -> str:
@@ -204,13 +239,17 @@ class SliceReader:
             out[start:end] = torch.cat([block[:, a:b] for a, b in ranges], dim=1)
         return out
 
-    def int8_columns(self, name: str, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns of a 2-D tensor quantised to int8 with the scales of its whole rows: (values, scales)."""
+    def quantised(self, name: str, dim: int, ranges: list[tuple[int, int]], weights: str,
+                  group: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Rows (dim 0) or columns (dim 1) of a 2-D tensor in int8 or int4 (engine/quant.py `quantise`).
+        int8 columns keep the scales of their whole rows, so a slice is that slice of the quantised whole."""
         from . import quant
 
-        whole = self.whole(name)
-        scales = quant.int8_scales(whole)
-        return quant.quantise_int8(torch.cat([whole[:, a:b] for a, b in ranges], dim=1), scales), scales
+        if weights == "int8" and dim == 1:
+            whole = self.whole(name)
+            scales = quant.int8_scales(whole)
+            return quant.quantise_int8(torch.cat([whole[:, a:b] for a, b in ranges], dim=1), scales), scales
+        return quant.quantise((self.rows if dim == 0 else self.cols)(name, ranges), weights, group)
 
     def _stored(self, name: str) -> Stored:
         file = self._file_of[name]  # KeyError for a name no file holds, as before

@@ -125,11 +125,12 @@ def load_shard(model_dir: Path, cfg: ModelConfig, plan: Plan, rank: int, dtype: 
             after_layer(time.perf_counter() - t)
     with reader(held_by_ends) as r:
         tied = cfg.tie_word_embeddings or not r.has(sharding.LM_HEAD.name)
-        embed = vocab(r, sharding.EMBED.name) if first or (last and tied) else None
+        # A quantised LM head is read on its own: a last stage reads the embedding only for a dense tied head.
+        embed = vocab(r, sharding.EMBED.name) if first or (last and tied and weights not in QUANTISED) else None
         lm_head = None
         if last and weights in QUANTISED:  # quantised block by block; a tied embedding stays dense
             name = sharding.EMBED.name if tied else sharding.LM_HEAD.name
-            lm_head = make.rows_linear(r.rows(name, [(a, min(a + VOCAB_BLOCK, shard.vocab_rows[1]))])
+            lm_head = make.rows_linear(r.quantised(name, 0, [(a, min(a + VOCAB_BLOCK, shard.vocab_rows[1]))], "int8")
                                        for a in range(*shard.vocab_rows, VOCAB_BLOCK))  # read as quantised
         elif last:
             lm_head = Dense(embed if tied else vocab(r, sharding.LM_HEAD.name))
@@ -191,10 +192,10 @@ class Maker:
                          split_inputs=f.dim == 1)
 
     def rows_linear(self, blocks) -> Linear:
-        """The LM head from its row blocks, each quantised as it comes: int8 for int8 and int4 weights
+        """The LM head from its row blocks, each quantised as it is read: int8 for int8 and int4 weights
         alike (a 4-bit LM head costs quality, and its dequantising sum runs slower than the int8 one)."""
         head = replace(self, weights="int8")
-        parts = [head.quantise(b) for b in blocks]
+        parts = list(blocks)
         # Int8 dequantises in the activation dtype, not a bfloat16 kernel: logits rounded to bfloat16 would
         # move a whole bfloat16 step (0.06 at a logit of 10) on the least difference in their input.
         return head.kind(*(torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)))
@@ -207,16 +208,9 @@ class Maker:
         return Int4.build(*(t.to(self.device) for t in tensors), quant.group_size(self.cfg), form, bias)
 
     def quantised_piece(self, r: SliceReader, piece: sharding.Piece, prefix: str) -> tuple[torch.Tensor, ...]:
-        if self.weights == "int8" and piece.dim == 1:
-            # A row's scale is the whole row's, though this rank holds only some of its columns.
-            return r.int8_columns(prefix + piece.name, sharding.ranges(self.cfg, self.shard, piece.unit))
-        return self.quantise(read_piece(r, self.cfg, self.shard, piece, prefix))
-
-    def quantise(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.weights == "int8":
-            scales = quant.int8_scales(w)
-            return quant.quantise_int8(w, scales), scales
-        return quant.quantise_int4(w, quant.group_size(self.cfg))
+        group = quant.group_size(self.cfg) if self.weights == "int4" else None
+        return r.quantised(prefix + piece.name, piece.dim, sharding.ranges(self.cfg, self.shard, piece.unit),
+                           self.weights, group)
 
 
 def inverse_frequencies(hf_config) -> tuple[torch.Tensor, float]:

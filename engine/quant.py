@@ -64,6 +64,23 @@ def quantise_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return q, scales, zeros
 
 
+def quantise(w: torch.Tensor, weights: str, group: int | None = None) -> tuple[torch.Tensor, ...]:
+    """A slice [out, in] of whole rows in this precision: int8 (values, scales), int4 (values, scales, zeros)."""
+    if weights == "int8":
+        scales = int8_scales(w)
+        return quantise_int8(w, scales), scales
+    return quantise_int4(w, group)
+
+
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [out, in] (uint8, 0..15) -> [out, in / 2], inputs 2j and 2j + 1 in byte j: how slices travel."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_pairs(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
 def pack_nibbles(q: torch.Tensor, group: int) -> torch.Tensor:
     """uint8 values [out, in] -> [out, in / 2]: in each group, byte j holds value j (low) and j + group/2
     (high), a layout the compiler unpacks with two shifts instead of a gather."""

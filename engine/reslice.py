@@ -35,8 +35,8 @@ class ReusingReader:
     def rows(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
         return self._take(name, ranges, 0)
 
-    def int8_columns(self, name: str, ranges: list[tuple[int, int]]):
-        return self.reader.int8_columns(name, ranges)  # quantised fields are read again, never reused
+    def quantised(self, *args, **kwargs):
+        return self.reader.quantised(*args, **kwargs)  # quantised fields are read again, never reused
 
     def cols(self, name: str, ranges: list[tuple[int, int]]) -> torch.Tensor:
         return self._take(name, ranges, 1)

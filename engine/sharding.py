@@ -122,13 +122,13 @@ def field_shape(cfg: ModelConfig, pieces: tuple[Piece, ...], shard: RankShard) -
 
 @dataclass(frozen=True)
 class Read:
-    """One read a rank's load makes: a tensor whole (`dim` None) or its `ranges` along `dim`. With
-    `int8_scales` the read also needs the int8 scales of the tensor's whole rows (an int8 column slice)."""
+    """One read a rank's load makes: a tensor whole (`dim` None) or its `ranges` along `dim`, in its
+    checkpoint's precision (`form` dense) or quantised as it is read (int8, int4)."""
 
     name: str
     dim: int | None
     ranges: tuple[tuple[int, int], ...] = ()
-    int8_scales: bool = False
+    form: str = "dense"
 
 
 def reads(cfg: ModelConfig, plan, rank: int, weights: str, names: set[str]) -> list[Read]:
@@ -136,18 +136,21 @@ def reads(cfg: ModelConfig, plan, rank: int, weights: str, names: set[str]) -> l
     before a rank loads. `names`: the checkpoint's tensor names (an LM head may be absent: tied)."""
     shard, stage = plan.ranks[rank], plan.stage_of(rank)
     first, last = shard.stage == 0, shard.stage == len(plan.stages) - 1
+    quantised = weights in ("int8", "int4")
     out = []
     for i in range(*stage.layers):
         for f in LAYER:
             for p in f.weight + (f.bias if f.has_bias(cfg) else ()):
                 split = () if p.dim is None else tuple(ranges(cfg, shard, p.unit))
-                scales = weights == "int8" and f.linear and p in f.weight and p.dim == 1
-                out.append(Read(layer_prefix(i) + p.name, p.dim, split, scales))
+                form = weights if quantised and f.linear and p in f.weight else "dense"
+                out.append(Read(layer_prefix(i) + p.name, p.dim, split, form))
     tied = cfg.tie_word_embeddings or LM_HEAD.name not in names
     vocab = (tuple(shard.vocab_rows),)
-    if first or (last and tied):
+    if first or (last and tied and not quantised):
         out.append(Read(EMBED.name, 0, vocab))
-    if last and not tied:
+    if last and quantised:  # the LM head is int8 for int8 and int4 weights alike
+        out.append(Read(EMBED.name if tied else LM_HEAD.name, 0, vocab, "int8"))
+    elif last and not tied:
         out.append(Read(LM_HEAD.name, 0, vocab))
     if last:
         out.append(Read(FINAL_NORM.name, None))

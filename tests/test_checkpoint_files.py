@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import llmd_here, make_tiny_model
-from llmd.engine.checkpoint import INDEX_FILE, SliceReader, resolve_model, weight_files
+from llmd.engine.checkpoint import INDEX_FILE, SliceReader, model_name, resolve_model, weight_files
 from llmd.engine.errors import ModelNotFound
 from reference import hf_greedy
 
@@ -74,3 +74,19 @@ def test_two_ranks_generate_transformers_greedy_tokens_from_a_sharded_checkpoint
                     "--compile", "off", "--weights", "fp32", "--json", PROMPT).json
     assert len(out["plan"]["ranks"]) == 2
     assert out["token_ids"] == hf_greedy(sharded, out["prompt_token_ids"], 16)
+
+
+def test_a_model_id_resolves_through_the_local_hugging_face_cache_only(whole, tmp_path, monkeypatch):
+    """`--model org/name` is the cache's snapshot of it, as transformers lays the cache out; an id that is not
+    there is a clear error naming the cache folder, and nothing is downloaded."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were anything asked of a hub, it would fail
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(whole, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert resolve_model("tiny-org/tiny-llama") == repo / "snapshots" / commit
+    assert model_name(resolve_model("tiny-org/tiny-llama")) == "tiny-org/tiny-llama"  # what the API lists
+    with pytest.raises(ModelNotFound, match=f"not in the Hugging Face cache at {tmp_path / 'hub'}"):
+        resolve_model("tiny-org/absent-model")

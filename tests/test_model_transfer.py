@@ -18,7 +18,7 @@ from llmd.app import model_cache
 from llmd.app.model_cache import ChunkCache, HostClient, cover, open_fetched, prepare
 from llmd.app.models import MAX_SLICE_BYTES, ModelServer, ModelUnavailable, make_manifest
 from llmd.app.security import signed_headers
-from llmd.engine import sharding
+from llmd.engine import quant, sharding
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.model import load_shard
 from llmd.engine.plan import make_plan
@@ -51,10 +51,10 @@ def server(cache_dir):
     s.close()
 
 
-def agent_reader(server, model_dir, max_bytes=None):
+def agent_reader(server, model_dir, max_bytes=None, dense="raw"):
     source = server.offer(model_dir)
     local = prepare(source, HostClient(source, SECRET))
-    return local, open_fetched(local, source, SECRET, max_bytes)
+    return local, open_fetched(local, source, SECRET, max_bytes, dense)
 
 
 def same(a, b) -> bool:
@@ -62,11 +62,13 @@ def same(a, b) -> bool:
         x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
 
 
-def slice_bytes(cfg, plan, rank, manifest, whole_only=False) -> int:
+def slice_bytes(cfg, plan, rank, manifest, whole_only=False, only=None) -> int:
     """What a rank's reads weigh in the checkpoint's own precision (`whole_only`: of the tensors every rank
-    reads whole, the norms)."""
+    reads whole, the norms; `only`: of these tensors)."""
     total = 0
     for r in sharding.reads(cfg, plan, rank, "fp32", set(manifest.tensors)):
+        if only is not None and r.name not in only:
+            continue
         e = manifest.tensors[r.name]
         if r.dim is None:
             total += e.nbytes
@@ -97,12 +99,39 @@ def test_ranks_read_through_the_cache_what_they_read_from_the_files(sharded, ser
         before = reader.client.bytes
         remote = load_shard(local, cfg, plan, rank, torch.float32, CPU, weights=weights, open_reader=lambda d: reader)
         assert same(remote, load_shard(sharded, cfg, plan, rank, torch.float32, CPU, weights=weights))
-        got, own = reader.client.bytes - before, slice_bytes(cfg, plan, rank, reader.manifest)
-        scales = 2 * cfg.hidden_size * 2 * cfg.num_layers if weights == "int8" else 0  # o and down rows' scales
-        shared = slice_bytes(cfg, plan, rank, reader.manifest, whole_only=True) if rank else 0  # rank 0's norms
-        assert own - shared <= got <= own + scales, (rank, got, own)
+        got, held = reader.client.bytes - before, remote.nbytes()
+        if weights == "fp32":
+            own = slice_bytes(cfg, plan, rank, reader.manifest)
+            shared = slice_bytes(cfg, plan, rank, reader.manifest, whole_only=True) if rank else 0  # rank 0's norms
+            assert own - shared <= got <= own, (rank, got, own)
+        assert got <= 1.1 * held, (rank, got, held)  # int8 slices travel as int8, as they are held
         fetched += got
     assert fetched < reader.manifest.weight_bytes * 1.2
+
+
+@pytest.mark.parametrize("weights, dtype", [("int4", torch.float32), ("int8", torch.float32),
+                                            ("bf16", torch.bfloat16)])
+def test_slices_travel_in_the_plans_precision(int4_model, server, weights, dtype):
+    """An int4 plan moves 4-bit bytes, an int8 plan 8-bit ones, a bf16 plan of an fp32 checkpoint bf16."""
+    cfg = ModelConfig.from_hf(load_hf_config(int4_model))
+    plan = make_plan(cfg, [1, 1], column_unit=quant.column_unit(cfg, weights))
+    local, reader = agent_reader(server, int4_model, dense="bf16" if dtype == torch.bfloat16 else "raw")
+    group = quant.group_size(cfg) if weights == "int4" else None
+    for rank in range(2):
+        rank_reads = sharding.reads(cfg, plan, rank, weights, set(reader.manifest.tensors))
+        wanted = sum(w.nbytes for w in reader.wants(rank_reads, group))
+        linear = [r for r in rank_reads  # the layers' weights, which travel in the plan's precision
+                  if r.name.startswith("model.layers.") and (r.form != "dense" or weights == "bf16")]
+        linear_got = sum(w.nbytes for w in reader.wants(linear, group))
+        before = reader.client.bytes
+        remote = load_shard(local, cfg, plan, rank, dtype, CPU, weights=weights, open_reader=lambda d: reader)
+        assert same(remote, load_shard(int4_model, cfg, plan, rank, dtype, CPU, weights=weights))
+        got = reader.client.bytes - before
+        assert got == wanted  # what the prefetch asks for is all the load reads
+        held = remote.nbytes()  # in the plan's precision
+        assert 0.9 * held <= got <= 1.1 * held, (rank, got, held)
+        stored = slice_bytes(cfg, plan, rank, reader.manifest, only={r.name for r in linear})  # in fp32
+        assert linear_got <= {"int4": 0.16, "int8": 0.27, "bf16": 0.5}[weights] * stored, (linear_got, stored)
 
 
 def test_a_second_load_fetches_nothing_and_a_move_only_what_it_gained(sharded, server):
@@ -211,3 +240,16 @@ def test_slices_go_only_to_signed_requests_and_bad_asks_get_a_4xx(sharded, serve
     with pytest.raises(ModelUnavailable, match="404"):
         client.call("GET", f"/v1/models/{source.model_id}/files/..%2Fpool.secret")
     assert MAX_SLICE_BYTES >= model_cache.CHUNK_BYTES
+
+
+def test_the_cluster_tab_says_what_each_agent_fetched():
+    from llmd.app.host import Fetch
+    from llmd.ui import fns
+
+    peers = [{"name": n, "address": "198.18.0.2", "port": 1, "devices": "cpu", "free_mb": 1, "health": "ok",
+              "joined": True, "fetch": f} for n, f in [
+                  ("busy", Fetch("http://198.18.0.2:1", 12_300_000, 40_000_000, 5_000_000, 5.5)),
+                  ("done", Fetch("http://198.18.0.3:1", 40_000_000, 40_000_000, 9_000_000, 0.0)),
+                  ("had", Fetch("http://198.18.0.4:1", 0, 0, 0, None)), ("local", None)]]
+    frame = fns.peers_frame(peers)
+    assert list(frame["model slices"]) == ["12.3 of 40.0 MB, 5.0 MB/s, 6 s left", "fetched 40.0 MB", "had them all", ""]

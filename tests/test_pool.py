@@ -1,5 +1,6 @@
 """The pool service with a real store and a real engine, and the UI's view functions, without a browser."""
 
+import shutil
 import time
 
 import pytest
@@ -8,6 +9,7 @@ from agents import new_secret, start_agent
 from llmd.app.cli import build_parser
 from llmd.app.pool import (ChatSettings, Failed, Finished, Pool, PoolConfig, PoolNotReady, Progress, Reply, Request,
                            Token)
+from llmd.engine.errors import LlmdError
 from llmd.engine.sampling import SamplingParams
 from llmd.app.store import Settings, Store
 from llmd.ui.commands import add_up_commands, recipe_for
@@ -138,10 +140,10 @@ def engine_args(*extra: str):
                                                        "--context", "256", "--slots", "4", *extra])
 
 
-def make_pool(tmp_path, workers: int, secret: str = "s") -> Pool:
+def make_pool(tmp_path, workers: int, secret: str = "s", extra: tuple[str, ...] = ()) -> Pool:
     store = Store(tmp_path / "llmd.db")
     config = PoolConfig(node="testnode", address="127.0.0.1", secret=secret,
-                        recipe=recipe_for(engine_args("--workers", str(max(workers, 1))), local=workers > 0),
+                        recipe=recipe_for(engine_args("--workers", str(max(workers, 1)), *extra), local=workers > 0),
                         sample_period_s=0.25)
     return Pool(store, config)
 
@@ -338,6 +340,38 @@ def test_the_balancers_migrations_and_new_plan_are_recorded(tmp_path):
         assert {s["rank"] for s in p.store.rank_steps()} == {0, 1}
         assert p.store.latest_plan()["plan"]["epoch"] >= 1  # the plan tab draws the moved plan
         assert "rank 1 → rank 0" in fns.migrations_frame(events)["from → to"][0]
+    finally:
+        p.close()
+        p.store.close()
+
+
+def test_the_models_folder_lists_what_fits_and_switching_relaunches_on_it(tmp_path, tiny_models):
+    """`--models-dir`: its models with their sizes and the precisions that fit this machine's devices;
+    running one relaunches the pool on it, and a path outside the folder is refused."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(tiny_models["qwen2-bias"], folder / "tiny-qwen")
+    (folder / "notes.txt").write_text("not a model")
+    (folder / "other.gguf").write_bytes(b"GGUF")  # listed, its precisions known only once converted
+    p = make_pool(tmp_path, workers=1, extra=("--models-dir", str(folder)))
+    try:
+        p.start(local_agent=False)
+        p.launch_local()
+        wait_ready(p)
+        listed = {m.name: (m, fits) for m, fits in p.models()}
+        assert sorted(listed) == ["other", "tiny-qwen"]
+        tiny, fits = listed["tiny-qwen"]
+        assert tiny.bytes > 0 and set(fits) == {"fp32", "bf16", "fp16", "int8"}  # int4: its sizes are not in groups
+        assert listed["other"][1] == []
+        with pytest.raises(LlmdError, match="not in the models folder"):
+            p.switch_model(str(tiny_models["llama-gqa"]))
+        p.switch_model(tiny.path)
+        wait_ready(p)
+        assert p.model_name() == "tiny-qwen"
+        _, r = chat(p, 4)
+        assert r.tokens == 4
+        with pytest.raises(LlmdError, match="not a folder"):
+            p.set_models_dir(str(tmp_path / "absent"))
     finally:
         p.close()
         p.store.close()

@@ -60,6 +60,17 @@ def chat_tab(c: dict, options: UiOptions) -> None:
         c["top_p"] = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
         c["top_k"] = gr.Slider(0, 200, value=50, step=1, label="top-k (0: off)")
         c["greedy"] = gr.Checkbox(False, label="greedy (always the most likely token)", elem_id="greedy")
+    with gr.Accordion("Model", open=False, elem_id="model-picker"):
+        gr.Markdown("The models in the models folder, with the precisions the planner says fit the running "
+                    "engine's devices. Running another relaunches the pool on it (admin link only).")
+        c["models"] = gr.Dataframe(elem_id="models", interactive=False, label="models")
+        with gr.Row():
+            c["model_pick"] = gr.Dropdown([], label="model", elem_id="model-pick", scale=3)
+            c["switch_model"] = gr.Button("Run this model", elem_id="switch-model", scale=1)
+        with gr.Row():
+            c["models_dir"] = gr.Textbox(label="models folder on the host", elem_id="models-dir", scale=3)
+            c["set_models_dir"] = gr.Button("Look there", elem_id="set-models-dir", scale=1)
+        c["models_note"] = gr.Markdown(elem_id="models-note")
 
 
 def cluster_tab(c: dict, pool: Pool) -> None:

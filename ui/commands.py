@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 from llmd.app import cli, inventory
 from llmd.app.agent import QuietServer
@@ -70,6 +71,8 @@ def add_web_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"web UI port (default {DEFAULT_PORT}; 0: any free)")
     p.add_argument("--listen", action="store_true",
                    help="serve the UI to the LAN on --address too; by default only this machine can open it")
+    p.add_argument("--models-dir", help="a folder of models (Hugging Face folders, GGUF files, or a Hugging Face "
+                                        "cache) the Chat tab offers to switch to")
     p.add_argument("--db", help="the SQLite store (default: $LLMD_DB, else llmd.db in the user's data folder)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="the chat's default reply length (default 256)")
     p.add_argument("--slots", type=slots_arg, default="auto",
@@ -109,13 +112,13 @@ def _torch_cuda() -> bool:
 
 
 def recipe_for(args, local: bool) -> Recipe:
-    def prepare(world_size: int | None, remote: bool):
+    def prepare(world_size: int | None, remote: bool, model: str):
         chosen = copy.copy(args)
-        chosen.agents = "auto" if remote else None
+        chosen.agents, chosen.model = ("auto" if remote else None), model
         return cli.prepare(chosen, world_size)
 
     return Recipe(model=args.model, prepare=prepare, check_fit=cli.check_fit, local=local,
-                  local_workers=args.workers if local else None)
+                  local_workers=args.workers if local else None, models_dir=args.models_dir)
 
 
 def bind(address: str, port: int) -> socket.socket:
@@ -130,6 +133,8 @@ def serve(args, local: bool) -> int:
         raise LlmdError("--max-new-tokens must be at least 1")
     if args.max_waiting < 0:
         raise LlmdError("--max-waiting must be 0 or more")
+    if args.models_dir and not Path(args.models_dir).expanduser().is_dir():
+        raise LlmdError(f"--models-dir {args.models_dir} is not a folder")
     address = args.address or primary_address()
     config = PoolConfig(node=socket.gethostname(), address=address, secret=cli.host_secret(args),
                         recipe=recipe_for(args, local), max_waiting=args.max_waiting)

@@ -13,7 +13,7 @@ from dataclasses import replace
 import pandas as pd
 
 from llmd.app import costs
-from llmd.app.pool import Progress, Reply
+from llmd.app.pool import Fetch, Found, Progress, Reply
 from llmd.app.store import Settings
 
 MASK = "•" * 12
@@ -95,10 +95,33 @@ def with_stats(text: str, r: Reply) -> str:
 # ---- cluster
 
 def peers_frame(peers: list[dict]) -> pd.DataFrame:
-    cols = ["name", "address", "devices", "free MB", "health", "joined", "this machine"]
+    cols = ["name", "address", "devices", "free MB", "health", "joined", "model slices", "this machine"]
     rows = [[p["name"], f"{p['address']}:{p['port']}", p["devices"], p["free_mb"], p["health"],
-             "joined" if p["joined"] else "not joined", "yes" if p.get("local") else ""] for p in peers]
+             "joined" if p["joined"] else "not joined", fetch_text(p.get("fetch")), "yes" if p.get("local") else ""]
+            for p in peers]
     return pd.DataFrame(rows, columns=cols)
+
+
+def models_frame(models: list[tuple[Found, list[str]]]) -> pd.DataFrame:
+    rows = [[m.name, f"{m.bytes / 1e9:,.2f} GB", ", ".join(fits) if fits else ("?" if m.config else "after converting")]
+            for m, fits in models]
+    return pd.DataFrame(rows, columns=["model", "weights on disk", "precisions that fit (planner)"])
+
+
+def model_choices(models: list[tuple[Found, list[str]]]) -> list[tuple[str, str]]:
+    return [(f"{m.name} ({m.bytes / 1e9:,.2f} GB)", m.path) for m, _ in models]
+
+
+def fetch_text(f: Fetch | None) -> str:
+    """An agent's fetch of its slices from this host (app/host.py `Fetch`): bytes, rate, time left."""
+    if f is None:
+        return ""
+    if f.total == 0:
+        return "had them all"
+    if f.bytes >= f.total:
+        return f"fetched {f.bytes / 1e6:,.1f} MB"
+    left = "" if f.left_s is None else f", {f.left_s:,.0f} s left"
+    return f"{f.bytes / 1e6:,.1f} of {f.total / 1e6:,.1f} MB, {f.rate / 1e6:,.1f} MB/s{left}"
 
 
 def join_command(secret: str, reveal: bool) -> str:

@@ -105,10 +105,42 @@ class Handlers:
 
     def cluster(self, session: Session, live: bool):
         peers = self.pool.peers()
-        version = tuple((p["name"], p["address"], p["port"], p["health"], p["joined"], p["free_mb"]) for p in peers)
+        version = tuple((p["name"], p["address"], p["port"], p["health"], p["joined"], p["free_mb"],
+                         fns.fetch_text(p.get("fetch"))) for p in peers)
         if not live or not session.changed("cluster", version):
             return (session, *skip(2))
         return session, fns.peers_frame(peers), gr.update(choices=fns.peer_names(peers))
+
+    # ---- the models folder
+
+    def models(self, session: Session, live: bool):
+        listed, folder = self.pool.models(), self.pool.models_dir()
+        version = (folder, tuple((m.path, m.bytes, tuple(fits)) for m, fits in listed))
+        if not live or not session.changed("models", version):
+            return (session, *skip(3))
+        return (session, fns.models_frame(listed), gr.update(choices=fns.model_choices(listed)),
+                gr.update(value=folder or ""))
+
+    def switch_model(self, path: str, request: gr.Request):
+        if not self.admin.allows(request):
+            return REFUSED
+        if not path:
+            return "Pick a model first."
+        try:
+            self.pool.switch_model(path)
+        except LlmdError as e:
+            return f"Cannot switch now: {e}"
+        return "Launching it: the status line above shows the progress."
+
+    def set_models_dir(self, folder: str, session: Session, request: gr.Request):
+        if not self.admin.allows(request):
+            return session, REFUSED
+        try:
+            path = self.pool.set_models_dir(folder.strip())
+        except LlmdError as e:
+            return session, f"Not changed: {e}"
+        session.drawn.pop("models", None)
+        return session, f"Listing the models in {path}."
 
     def join(self, name: str, session: Session, request: gr.Request):
         return self._peer_action(self.pool.join, name, ("join", "joined"), session, request)
@@ -238,6 +270,7 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
         (h.gpus, [s, live, c["window"]], [s, c["devices"], c["util_plot"], c["mem_plot"], c["power_plot"],
                                           c["temp_plot"]], c["fast"]),
         (h.cluster, [s, live], [s, c["peers"], c["peer_pick"]], c["slow"]),
+        (h.models, [s, live], [s, c["models"], c["model_pick"], c["models_dir"]], c["slow"]),
         (h.plan, [s, live], [s, c["plan_summary"], c["plan_heatmap"], c["plan_bars"], c["prediction"]], c["slow"]),
         (h.balancer, [s, live], [s, c["balancer_note"], c["migrations"], c["rank_steps"]], c["slow"]),
         (h.costs, [s, live], [s, c["cost_summary"], c["cost_plot"], c["tps_plot"], c["requests"], c["cost_by_key"],
@@ -262,6 +295,8 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
     c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
     c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
     c["relaunch"].click(h.relaunch, None, [c["cluster_note"]], **private)
+    c["switch_model"].click(h.switch_model, [c["model_pick"]], [c["models_note"]], **private)
+    c["set_models_dir"].click(h.set_models_dir, [c["models_dir"], s], [s, c["models_note"]], **private)
     c["reveal"].click(h.reveal, [s], [s, c["join_command"], c["reveal"], c["cluster_note"]], **quiet)
     c["key_create"].click(h.create_key, [c["key_name"]], [c["keys"], c["key_note"]], **private)
     c["key_revoke"].click(h.revoke_key, [c["key_name"]], [c["keys"], c["key_note"]], **private)
