@@ -26,11 +26,13 @@ from llmd.engine.checkpoint import resolve_model
 from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.errors import LlmdError
 from llmd.engine.partition import load_plan
+from llmd.engine.plan import Plan
 
 from . import inventory
 from .discovery import Advert, Advertiser, open_zeroconf
 from .guard import PlainJSON, SignedApi, bound_socket, error, plain_errors, server_config
-from .model_cache import CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, HostClient, prepare, read_progress, source_to_env
+from .model_cache import (CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, HostClient, dense_kind, fetch_for, open_fetched,
+                          prepare, read_progress, source_to_env)
 from .models import ModelUnavailable, Source, make_manifest
 from .net import engine_env, worker_failure
 from .options import EngineOptions
@@ -90,6 +92,19 @@ class LaunchRequest(Strict):
         return value
 
 
+class PrefetchRequest(Strict):
+    """A launch to come, for this agent to fetch its ranks' slices ahead of it while the pool serves."""
+
+    model: str = Field(min_length=1, max_length=4096)
+    plan: dict
+    ranks: list[RankAssignment] = Field(min_length=1, max_length=64)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    weights: Literal["fp32", "bf16", "fp16", "int8", "int4"] = "fp32"
+    context: int = Field(default=2, ge=2, le=1 << 20)
+    slowdown: list[tuple[int, float, int]] = Field(default_factory=list, max_length=0)
+    source: ModelSource
+
+
 class StopRequest(Strict):
     launch_id: str = Field(min_length=1, max_length=64)
 
@@ -141,6 +156,20 @@ class WorkerProcess:
 
 
 @dataclass
+class Prefetch:
+    """Slices fetched ahead of a launch, in a thread of the agent."""
+
+    model_id: str
+    progress: Path
+    thread: threading.Thread | None = None
+    error: str = ""
+
+    def status(self) -> dict:
+        return {"model_id": self.model_id, "running": bool(self.thread and self.thread.is_alive()),
+                "error": self.error, "fetch": read_progress(self.progress)}
+
+
+@dataclass
 class AgentState:
     agent_id: str
     name: str
@@ -151,6 +180,7 @@ class AgentState:
     memory_cap_mb: int | None = None  # the most RAM the CPU workers may use, all together
     cache_max_bytes: int | None = None  # the most the cache of fetched models may hold
     workers: list[WorkerProcess] = field(default_factory=list)
+    prefetches: dict[str, Prefetch] = field(default_factory=dict)  # by model id
     logdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="llmd-agent-")))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -199,7 +229,33 @@ class AgentState:
             self.workers += started
         return [w.status() for w in started]
 
-    def check(self, req: LaunchRequest) -> tuple[Path, Source | None]:
+    def prefetch(self, req: PrefetchRequest) -> dict:
+        """Start fetching the slices the request's ranks will read (none when this agent has the files)."""
+        model_dir, fetch_from = self.check(req)
+        with self.lock:
+            known = self.prefetches.get(req.source.model_id)
+            if known is not None and known.thread is not None and known.thread.is_alive():
+                return known.status()
+            job = Prefetch(req.source.model_id, self.logdir / f"prefetch-{req.source.model_id}.json")
+            self.prefetches[job.model_id] = job
+            if fetch_from is None:  # it has the files: nothing to fetch
+                job.progress.write_text(json.dumps({"bytes": 0, "total": 0, "rate": 0, "left_s": None}))
+                return job.status()
+
+            def run() -> None:
+                try:
+                    reader = open_fetched(model_dir, fetch_from, self.verifier.secret, self.cache_max_bytes,
+                                          dense_kind(req.dtype))
+                    fetch_for(reader, [r.rank for r in req.ranks], Plan.from_dict(req.plan), req.weights,
+                              f"llmd agent {self.name}", str(job.progress))
+                except Exception as e:  # reported in its status; the launch fetches what is still missing
+                    job.error = f"{type(e).__name__}: {e}"
+
+            job.thread = threading.Thread(target=run, name="llmd-prefetch", daemon=True)
+            job.thread.start()
+            return job.status()
+
+    def check(self, req: "LaunchRequest | PrefetchRequest") -> tuple[Path, Source | None]:
         """Why the request cannot run (LaunchRefused), else the model directory it names and, when this
         agent lacks the model's weights, where its workers fetch their slices."""
         ranks = [r.rank for r in req.ranks]
@@ -283,6 +339,17 @@ def create_app(state: AgentState):
             return {"started": state.launch(req)}
         except LaunchRefused as e:  # a model it lacks, a rank out of range: the host shows this line
             return error(400, f"launch refused: {e}")
+
+    @app.post("/v1/prefetch")
+    def prefetch(req: PrefetchRequest):
+        try:
+            return {"prefetch": state.prefetch(req)}
+        except LaunchRefused as e:
+            return error(400, f"prefetch refused: {e}")
+
+    @app.get("/v1/prefetch")
+    def prefetches():
+        return {"prefetches": [p.status() for p in state.prefetches.values()]}
 
     @app.post("/v1/stop")
     def stop(req: StopRequest):

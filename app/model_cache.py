@@ -214,7 +214,10 @@ class HostClient:
 
     def manifest(self) -> Manifest:
         data = self.call("GET", f"/v1/models/{self.source.model_id}/manifest")
-        m = Manifest.from_dict(json.loads(data))
+        try:
+            m = Manifest.from_dict(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelUnavailable(f"the host sent a malformed manifest ({type(e).__name__})") from None
         if m.id != self.source.model_id:
             raise ModelUnavailable(f"the host sent the manifest of {m.id}, not of {self.source.model_id}")
         return m
@@ -309,8 +312,10 @@ class FetchingReader:
     what it lacks from the host first. Quantised slices travel quantised; with `dense` set to bf16 or
     fp16, wider dense tensors travel cast to it (the rank casts them so anyway)."""
 
-    def __init__(self, manifest: Manifest, cache: ChunkCache, client: HostClient, dense: str = "raw"):
+    def __init__(self, manifest: Manifest, cache: ChunkCache, client: HostClient, dense: str = "raw",
+                 model_dir: Path | None = None):
         self.manifest, self.cache, self.client, self.dense = manifest, cache, client, dense
+        self.model_dir = model_dir  # the model's small files (`prepare`)
         self.model = manifest.id
         self.opened: list[str] = []  # the checkpoint's files are the host's: none is opened here
         self.using: set[str] = set()  # chunks read by this reader: never evicted under it
@@ -481,10 +486,10 @@ def source_from_env(text: str) -> Source:
 
 
 class Reporter:
-    """A rank's fetch progress: a line in its log at most every `every_s`, and a JSON file its agent reads."""
+    """A fetch's progress: a line in the log at most every `every_s`, and a JSON file its agent reads."""
 
-    def __init__(self, rank: int, total: int, path: str | None, every_s: float = 1.0):
-        self.rank, self.path, self.every_s = rank, path, every_s
+    def __init__(self, label: str, total: int, path: str | None, every_s: float = 1.0):
+        self.label, self.path, self.every_s = label, path, every_s
         self.progress = Progress(total=total, started=time.monotonic())
         self._lock, self._last = threading.Lock(), 0.0
 
@@ -499,7 +504,7 @@ class Reporter:
     def report(self) -> None:
         p = self.progress
         left = "" if p.left_s is None else f", {p.left_s:.0f} s left"
-        print(f"llmd worker rank {self.rank}: fetched {p.done / 1e6:.1f} of {p.total / 1e6:.1f} MB from the host, "
+        print(f"{self.label}: fetched {p.done / 1e6:.1f} of {p.total / 1e6:.1f} MB from the host, "
               f"{p.rate / 1e6:.1f} MB/s{left}", flush=True)
         if self.path:
             tmp = f"{self.path}.tmp"
@@ -514,10 +519,33 @@ def read_progress(path: Path) -> dict | None:
         return None
 
 
+def dense_kind(dtype: str) -> str:
+    """How dense tensors travel to a rank holding them in `dtype` (a RankSpec's): cast to it when narrower."""
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "raw")
+
+
+def fetch_for(reader: FetchingReader, ranks: list[int], plan, weights: str, label: str,
+              progress_path: str | None = None) -> Reporter:
+    """Fetch everything the ranks' shards read (engine/sharding.py `reads`) that the cache lacks."""
+    from llmd.engine.config import ModelConfig, load_hf_config
+    from llmd.engine.sharding import reads
+
+    cfg = ModelConfig.from_hf(load_hf_config(reader.model_dir))
+    group = quant.group_size(cfg) if weights == "int4" else None
+    wants: dict[Want, None] = {}  # ranks of one stage share tensors (norms): each chunk once
+    for rank in ranks:
+        wants.update(dict.fromkeys(reader.wants(reads(cfg, plan, rank, weights, set(reader.manifest.tensors)), group)))
+    report = Reporter(label, sum(w.nbytes for w in wants), progress_path)
+    reader.fetch(list(wants), progress=report)
+    report.report()
+    return report
+
+
 def open_fetched(model_dir: Path, source: Source, secret: str, max_bytes: int | None = None,
                  dense: str = "raw") -> FetchingReader:
     """The reader of a model an agent fetched: its manifest is in `model_dir` (see `prepare`)."""
     manifest = Manifest.from_dict(json.loads((Path(model_dir) / "manifest.json").read_text()))
     if manifest.id != source.model_id:
         raise ModelUnavailable(f"{model_dir} holds model {manifest.id}, not {source.model_id}")
-    return FetchingReader(manifest, ChunkCache(fetched_root(), max_bytes), HostClient(source, secret), dense)
+    return FetchingReader(manifest, ChunkCache(fetched_root(), max_bytes), HostClient(source, secret), dense,
+                          Path(model_dir))

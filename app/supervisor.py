@@ -24,8 +24,9 @@ from llmd.engine.presets import DEVICE_KINDS
 from llmd.engine.quant import PRECISIONS, group_size
 from llmd.engine.worker import RankSpec
 
-from .host import Fetch, Host, NoAgents, RemoteCluster
-from .models import Found, find_models
+from .host import Fetch, Host, NoAgents, PeerStatus, RemoteCluster
+from .models import Found, ModelServer, find_models
+from .options import EngineOptions
 from .launch import Cluster, LocalCluster
 from .serving import Limits, Serving, describe_error
 from .store import Store
@@ -175,6 +176,7 @@ class Supervisor:
         self._local_agent_joined = False
         self._measured: list[dict] = []  # each rank's weights and peak memory, read once the engine is up
         self.fetches: dict[str, Fetch] = {}  # agent control address -> what its workers fetched this launch
+        self._models: ModelServer | None = None  # serves slices fetched ahead of a launch (`join`)
 
     def start(self, local_agent_devices: str | None = None, local_agent: bool = True) -> None:
         """The agent child first (before any thread of ours exists), then discovery."""
@@ -316,12 +318,16 @@ class Supervisor:
                    for r in range(setup.world_size)]
         return Engine(recipe.model, setup.text, setup.spec, cluster, devices)
 
-    def _build_remote(self) -> Engine:
-        recipe = self.config.recipe
+    def _joined(self) -> list[tuple[PeerStatus, dict]]:
+        """The joined agents that answer, with their health (devices, free memory), in rank order."""
         joined = [s for s in self.host.peers() if s.joined and s.health == "ok"]
         if not joined:
             raise NoAgents("no joined agent answers: join at least one in the Cluster tab")
-        health = [(s, self.host.client(s.peer).get("/v1/health")) for s in joined]
+        return [(s, self.host.client(s.peer).get("/v1/health")) for s in joined]
+
+    def _build_remote(self) -> Engine:
+        recipe = self.config.recipe
+        health = self._joined()
         agents = [(self.host.client(s.peer), h["devices"]) for s, h in health]
         setup = recipe.prepare(1 + sum(len(d) for _, d in agents), True, recipe.model)
         recipe.check_fit(setup, [(s.peer.advert.name, d, f) for s, h in health
@@ -373,9 +379,52 @@ class Supervisor:
         return advert.name == self.config.node and advert.address == self.config.address
 
     def join(self, name: str) -> dict:
+        """Join an agent to the next launch; while an engine serves, the joined agents that lack the model
+        start fetching the slices that launch will give them."""
         status = self.host.join(name)
         self._record_peers()
+        if self.engine is not None and not self.progress.busy:
+            threading.Thread(target=self._prefetch, name="llmd-prefetch", daemon=True).start()
         return status.to_dict()
+
+    def _prefetch(self) -> None:
+        """Plan the next launch over the joined agents and ask each for its ranks' slices ahead of it; follow
+        their progress (the Cluster tab shows it) until they are done. Best effort: the launch itself
+        fetches whatever is still missing."""
+        try:
+            health = self._joined()
+            recipe = self.config.recipe
+            setup = recipe.prepare(1 + sum(len(h["devices"]) for _, h in health), True, recipe.model)
+            with self._launch_lock:
+                if self._models is None:
+                    self._models = ModelServer(self.config.address, self.config.secret)
+            source = asdict(self._models.offer(Path(setup.spec.model_dir)))
+            options, rank, asked = EngineOptions.of(setup.spec), 1, []
+            for s, h in health:
+                ranks = [{"rank": rank + i, "device": d} for i, d in enumerate(h["devices"])]
+                rank += len(ranks)
+                client = self.host.client(s.peer, timeout_s=60)
+                client.post("/v1/prefetch", {"model": recipe.model, "plan": setup.spec.plan, "ranks": ranks,
+                                             "dtype": options.dtype, "weights": options.weights,
+                                             "context": options.context, "source": source})
+                asked.append(client)
+            self._follow_prefetch(asked, source["model_id"])
+        except LlmdError as e:
+            print(f"llmd: fetching slices ahead of the next launch: {e}", file=sys.stderr, flush=True)
+
+    def _follow_prefetch(self, clients: list, model_id: str) -> None:
+        running = True
+        while running and not self._closing.wait(0.5):
+            running = False
+            for client in clients:
+                for p in client.get("/v1/prefetch")["prefetches"]:
+                    if p["model_id"] != model_id or not p["fetch"]:
+                        running = running or (p["model_id"] == model_id and p["running"])
+                        continue
+                    f = p["fetch"]
+                    self.fetches = {**self.fetches, client.base: Fetch(client.base, f["bytes"], f["total"], f["rate"],
+                                                                       f["left_s"])}
+                    running = running or p["running"]
 
     def drop(self, name: str) -> dict:
         status = self.host.drop(name)
@@ -421,6 +470,8 @@ class Supervisor:
         self._stop_engine("the pool is shutting down")
         self.progress = replace(self.progress, phase="stopped")
         self._stop_agent()
+        if self._models is not None:
+            self._models.close()
         if self.host is not None:
             self.host.close()
 

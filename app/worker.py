@@ -6,14 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-from llmd.engine import quant
 from llmd.engine.checkpoint import SliceReader
-from llmd.engine.config import ModelConfig, load_hf_config
 from llmd.engine.plan import Plan
-from llmd.engine.sharding import reads
 from llmd.engine.worker import RankSpec, exit_with_parent, run_worker, spec_from_json
 
-from .model_cache import CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, Reporter, open_fetched, source_from_env
+from .model_cache import CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, dense_kind, fetch_for, open_fetched, source_from_env
 from .rendezvous import KEY_ENV, RemoteTable, TableStore
 
 
@@ -24,15 +21,9 @@ def slices_reader(spec: RankSpec, key: str):
     if not source:
         return SliceReader
     max_bytes = int(os.environ.pop(CACHE_MAX_ENV, "0")) or None
-    dense = {"bfloat16": "bf16", "float16": "fp16"}.get(spec.dtype, "raw")  # what the rank casts dense tensors to
-    reader = open_fetched(Path(spec.model_dir), source_from_env(source), key, max_bytes, dense)
-    cfg = ModelConfig.from_hf(load_hf_config(Path(spec.model_dir)))
-    group = quant.group_size(cfg) if spec.weights == "int4" else None
-    wants = reader.wants(reads(cfg, Plan.from_dict(spec.plan), spec.rank, spec.weights, set(reader.manifest.tensors)),
-                         group)
-    report = Reporter(spec.rank, sum(w.nbytes for w in wants), os.environ.pop(PROGRESS_ENV, None))
-    reader.fetch(wants, progress=report)
-    report.report()
+    reader = open_fetched(Path(spec.model_dir), source_from_env(source), key, max_bytes, dense_kind(spec.dtype))
+    fetch_for(reader, [spec.rank], Plan.from_dict(spec.plan), spec.weights, f"llmd worker rank {spec.rank}",
+              os.environ.pop(PROGRESS_ENV, None))
     return lambda model_dir: reader
 
 

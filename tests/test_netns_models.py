@@ -8,6 +8,7 @@ own slices (and the model's small files) and little more, and a second launch mo
 
 import json
 import subprocess
+import time
 
 import pytest
 import torch
@@ -107,3 +108,57 @@ def test_agents_without_the_model_fetch_only_their_own_slices(host_only_model, t
             assert [f["bytes"] for f in again["fetched"]] == [0, 0]
         finally:
             stop(*[a.proc for a in agents])
+
+
+def hidden_on_loopback(hidden, cache):
+    """Start argv on this machine's loopback, in a private mount namespace where `hidden` is an empty folder."""
+    def start(argv, **kw):
+        script = f'mount -t tmpfs none "{hidden}" && exec env LLMD_CACHE_DIR="{cache}" "$@"'
+        return subprocess.Popen(["unshare", "-m", "sh", "-c", script, "sh", *argv], **kw)
+    return start
+
+
+@pytest.mark.slow
+def test_a_workstation_that_joins_later_gets_its_slices_while_the_pool_serves(host_only_model, tmp_path):
+    """A pool serves on one agent that has the model; a second agent without it joins: it fetches the slices
+    the next launch will give it while chats go on, and that launch then moves nothing."""
+    from test_pool import chat, make_pool, wait_ready
+
+    secret = new_secret()
+    early = start_agent(f"early-{time.monotonic_ns()}", secret)
+    late = start_agent(f"late-{time.monotonic_ns()}", secret, run_in=hidden_on_loopback(host_only_model, tmp_path / "c"))
+    p = make_pool(tmp_path, workers=0, secret=secret, extra=("--model", str(host_only_model)))
+    try:
+        p.start(local_agent=False)
+        deadline = time.monotonic() + 30
+        while {x["name"] for x in p.peers() if x["health"] == "ok"} < {early.name, late.name}:
+            assert time.monotonic() < deadline, p.peers()
+            time.sleep(0.2)
+        p.join(early.name)
+        p.relaunch()
+        wait_ready(p)
+        assert p.engine.spec.plan["world_size"] == 2
+
+        p.join(late.name)  # the engine keeps serving on the early agent while the late one fetches
+        deadline, served = time.monotonic() + 120, 0
+        while True:
+            fetch = next(x["fetch"] for x in p.peers() if x["name"] == late.name)
+            if fetch is not None and fetch.total > 0 and fetch.bytes == fetch.total:
+                break
+            assert time.monotonic() < deadline, fetch
+            _, r = chat(p, 2)
+            served += r.tokens
+        assert served >= 2 and p.progress.ready
+        assert next(x["fetch"] for x in p.peers() if x["name"] == early.name).total == 0  # it has the files
+
+        p.relaunch()
+        wait_ready(p)
+        assert p.engine.spec.plan["world_size"] == 3
+        fetched = {x["name"]: x["fetch"] for x in p.peers()}
+        assert fetched[late.name].total == 0 and fetched[early.name] is None  # nothing left to move
+        _, r = chat(p, 4)
+        assert r.tokens == 4
+    finally:
+        p.close()
+        p.store.close()
+        stop(early.proc, late.proc)
