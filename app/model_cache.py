@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import sqlite3
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from llmd.engine import quant
-from llmd.engine.checkpoint import SAFETENSORS_DTYPES, cache_root
+from llmd.engine.checkpoint import SAFETENSORS_DTYPES, cache_root, staged
 from llmd.engine.sharding import Read
 
 from .models import CASTS, Manifest, ModelUnavailable, Part, Source, parts
@@ -245,22 +244,13 @@ def prepare(source: Source, client: HostClient, root: Path | None = None) -> Pat
     bad = [n for n in manifest.files if not SAFE_NAME.fullmatch(n)]
     if bad:
         raise ModelUnavailable(f"the manifest names files this cache will not write: {bad[:3]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fetching-", dir=out.parent))
-    try:
+    with staged(out, "manifest.json") as staging:
         for name, entry in manifest.files.items():
             data = client.file(name)
             if hashlib.sha256(data).hexdigest() != entry.sha256:
                 raise ModelUnavailable(f"{name} from the host does not match its manifest")
             (staging / name).write_bytes(data)
         (staging / "manifest.json").write_text(json.dumps(manifest.to_dict()))
-        try:
-            staging.rename(out)
-        except OSError:
-            if not (out / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,18 +126,26 @@ def converted_gguf(gguf_path: Path) -> Path:
     out = cache_root() / "models" / f"{gguf_path.stem}-{file_digest(gguf_path)}-{CONVERTED_FORMAT}"
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
-    try:
+    with staged(out, "config.json") as staging:
         convert_gguf(gguf_path, staging)
+    return out
+
+
+@contextmanager
+def staged(out: Path, marker: str):
+    """A folder written under a temporary name beside `out`, then renamed to it in one step: a reader never
+    sees half of it. A concurrent writer may win the race (its `out` holds `marker`): then its copy stays."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out.parent))
+    try:
+        yield staging
         try:
-            staging.rename(out)  # atomic: a concurrent converter may have won the race
+            staging.rename(out)
         except OSError:
-            if not (out / "config.json").is_file():
+            if not (out / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def convert_gguf(gguf_path: Path, out: Path) -> None:

@@ -50,3 +50,16 @@ def parse_json_line(text: str) -> dict:
     lines = [line for line in text.splitlines() if re.match(r"^[\[{]", line)]
     assert lines, text
     return json.loads(lines[-1])
+
+
+def generate_json(run_in, secret: str, *args: str, timeout: float = 300) -> tuple[dict, str]:
+    """`llmd generate ARGS` (with --json among them) started through `run_in` (a netns Host's method): its
+    JSON line and its stderr; a non-zero exit fails the test with that stderr."""
+    proc = run_in([*CLI, "generate", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                  env=host_env(secret))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, stderr
+    return parse_json_line(stdout), stderr

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from agents import CLI, host_env, new_secret, parse_json_line, start_agent
+from agents import CLI, generate_json, host_env, new_secret, start_agent
 from netns import Lan, ip, requires_netns, stop, wait_for_output
 from reference import hf_greedy
 
@@ -61,17 +61,9 @@ def test_host_discovers_agents_in_other_namespaces_and_generates(default_model_d
                 list(starting.map(start, range(len(workstations))))
             # `generate --agents auto` finds them over multicast, at the addresses they advertise
             # (`llmd peers` is tested on loopback, test_agents.py).
-            proc = host.run_in([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", host.address,
-                                "--threads", "1", "--compile", "off", "--weights", "fp32", "--greedy", "--chat",
-                                "--max-new-tokens", "10", "--json",
-                                "Name a colour of the rainbow."],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host_env(secret))
-            try:
-                stdout, stderr = proc.communicate(timeout=300)
-            finally:
-                stop(proc)
-            assert proc.returncode == 0, stderr
-            out = parse_json_line(stdout)
+            out, _ = generate_json(host.run_in, secret, "--agents", "auto", "--expect", "2", "--address",
+                                   host.address, "--threads", "1", "--compile", "off", "--weights", "fp32", "--greedy",
+                                   "--chat", "--max-new-tokens", "10", "--json", "Name a colour of the rainbow.")
             assert out["plan"]["world_size"] == 3
             assert out["token_ids"] == hf_greedy(default_model_dir, out["prompt_token_ids"], 10)
             only_on_the_chosen_addresses(lan, secret, agents)

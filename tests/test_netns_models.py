@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from agents import CLI, host_env, new_secret, parse_json_line, start_agent
+from agents import generate_json, new_secret, start_agent
 from conftest import make_tiny_model
 from llmd.app.models import make_manifest
 from llmd.engine import sharding
@@ -48,16 +48,10 @@ def without(hidden, cache):
 
 
 def generate(host, model, secret) -> dict:
-    proc = host.run_in([*CLI, "generate", "--agents", "auto", "--expect", "2", "--address", host.address,
-                        "--model", str(model), "--threads", "1", "--compile", "off", "--weights", "fp32",
-                        "--greedy", "--max-new-tokens", "8", "--json", "The capital of France is"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=host_env(secret))
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:
-        stop(proc)
-    assert proc.returncode == 0, stderr
-    return {**parse_json_line(stdout), "stderr": stderr}
+    out, stderr = generate_json(host.run_in, secret, "--agents", "auto", "--expect", "2", "--address", host.address,
+                                "--model", str(model), "--threads", "1", "--compile", "off", "--weights", "fp32",
+                                "--greedy", "--max-new-tokens", "8", "--json", "The capital of France is")
+    return {**out, "stderr": stderr}
 
 
 def slice_bytes(model, plan: Plan, rank: int) -> int:
