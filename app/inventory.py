@@ -6,6 +6,7 @@ an exception. Calls that some GPUs do not support (power on some laptops, NVLink
 utilisation under MIG) degrade to None/False one field at a time.
 """
 
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -293,6 +294,20 @@ def device_summary(inv: Inventory, cpu_workers: int) -> str:
         label = f"{_short_name(g.name)} {round(g.memory_total_mb / 1024)}GB"  # 24564 MiB -> "24GB"
         groups[label] = groups.get(label, 0) + 1
     return _cap(", ".join(f"{n}x {label}" for label, n in groups.items()))
+
+
+def summary_devices(summary: str) -> list[tuple[str, str]]:
+    """`device_summary` read back: one (kind, name) per device, kind "cpu" or "cuda"; [] for what it cannot read
+    (a record cut at 200 bytes, another version's)."""
+    if m := re.fullmatch(r"cpu:(\d{1,3}) \(no GPU\)", summary):
+        return [("cpu", "")] * int(m.group(1))
+    out = []
+    for group in summary.split(", "):
+        m = re.fullmatch(r"(\d{1,3})x (.+)", group)
+        if not m:
+            return []
+        out += [("cuda", m.group(2))] * int(m.group(1))
+    return out
 
 
 def _cap(s: str) -> str:

@@ -25,6 +25,7 @@ from llmd.engine.quant import PRECISIONS, group_size
 from llmd.engine.worker import RankSpec
 
 from .host import Fetch, Host, NoAgents, PeerStatus, RemoteCluster
+from .inventory import summary_devices
 from .models import Found, ModelServer, find_models
 from .options import EngineOptions
 from .launch import Cluster, LocalCluster
@@ -206,29 +207,41 @@ class Supervisor:
         self._launch(self._build_remote)
 
     def models(self) -> list[tuple[Found, list[str]]]:
-        """The models folder's models, each with the precisions the planner says fit the running engine's
-        devices (none known while no engine runs, or for a GGUF file before it is converted)."""
+        """The models folder's models, each with the precisions the planner says fit the devices of the next
+        launch (none known for a GPU the planner does not know, or for a GGUF file before it is converted)."""
         folder = self.config.recipe.models_dir
         return [(m, self.fitting(m)) for m in find_models(Path(folder))] if folder else []
 
-    def fitting(self, model: Found) -> list[str]:
+    def next_devices(self) -> list[Device | None]:
+        """The devices the next launch runs on, as the planner sees them: rank 0 here and every device of the
+        joined agents (from their mDNS records, no call to any), else this engine's own."""
+        joined = [s for s in self.host.peers() if s.joined and s.health == "ok"] if self.host else []
         engine = self.engine
-        if engine is None or model.config is None:
-            return []
-        names = self.gpu_names()
-        devices = [planner_device(d.node, d.device, names.get(d.device, "")) for d in engine.devices]
-        if not all(devices):
+        if not joined:
+            names = self.gpu_names()
+            return [planner_device(d.node, d.device, names.get(d.device, "")) for d in engine.devices] if engine else []
+        first = engine.spec.device if engine else "cpu"
+        out = [planner_device(self.config.node, first, self.gpu_names().get("cuda:0", ""))]
+        for s in joined:
+            kinds = summary_devices(s.peer.advert.devices)
+            out += [planner_device(s.peer.advert.name, kind, name) for kind, name in kinds] or [None]
+        return out
+
+    def fitting(self, model: Found) -> list[str]:
+        devices = self.next_devices()
+        if model.config is None or not devices or not all(devices):
             return []
         try:
             cfg = ModelConfig.from_hf(load_hf_config(model.config.parent))
         except (LlmdError, OSError, ValueError, KeyError):
             return []
+        context = self.engine.spec.context if self.engine else 2048
         out = []
         for precision in PRECISIONS:
             try:
                 if precision == "int4":
                     group_size(cfg)  # its sizes in whole groups, or UnsupportedModel
-                if plan_partition(cfg, devices, precision=precision, context=engine.spec.context).fits:
+                if plan_partition(cfg, devices, precision=precision, context=context).fits:
                     out.append(precision)
             except LlmdError:
                 pass

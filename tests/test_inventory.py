@@ -11,7 +11,8 @@ from itertools import combinations
 
 import pytest
 
-from llmd.app.inventory import GpuInfo, Inventory, cpu_devices, device_summary, read_gpu_samples, read_inventory
+from llmd.app.inventory import (GpuInfo, Inventory, cpu_devices, device_summary, read_gpu_samples, read_inventory,
+                                summary_devices)
 
 
 def nvml_gpu_count() -> int:
@@ -166,3 +167,11 @@ def test_device_summary_names_the_gpus(inv):
     s = device_summary(inv, 0)
     assert s.startswith(f"{sum(g.name == inv.gpus[0].name for g in inv.gpus)}x ")
     assert s.endswith("GB") and len(s.encode()) <= 200
+
+
+def test_a_device_summary_reads_back_as_its_devices():
+    assert summary_devices("cpu:3 (no GPU)") == [("cpu", "")] * 3
+    assert summary_devices("2x RTX 4090 24GB, 1x A100-SXM4-80GB 80GB") == [("cuda", "RTX 4090 24GB")] * 2 + [
+        ("cuda", "A100-SXM4-80GB 80GB")]
+    assert summary_devices("2x RTX 40") == [("cuda", "RTX 40")] * 2
+    assert summary_devices("garbled") == [] and summary_devices("") == []
