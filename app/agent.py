@@ -349,7 +349,9 @@ def create_app(state: AgentState):
 
     @app.get("/v1/prefetch")
     def prefetches():
-        return {"prefetches": [p.status() for p in state.prefetches.values()]}
+        with state.lock:
+            jobs = list(state.prefetches.values())
+        return {"prefetches": [p.status() for p in jobs]}
 
     @app.post("/v1/stop")
     def stop(req: StopRequest):

@@ -17,6 +17,11 @@ from .security import answer_is_genuine, receiver_name, signed_headers
 HTTP = httpx.Client(transport=httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]))
 
 
+def http_base(address: str, port: int) -> str:
+    """http://ADDRESS:PORT, an IPv6 address in brackets: how a receiver is called (and named in `Fetch`)."""
+    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
 class AgentRefused(LlmdError): ...
 
 
@@ -27,7 +32,7 @@ class SignedClient:
     def __init__(self, address: str, port: int, secret: str, receiver_id: str, timeout_s: float = 10.0,
                  what: str = "agent"):
         self.receiver = receiver_name(receiver_id, address, port)
-        self.base = "http://" + self.receiver.split("@", 1)[1]
+        self.base = http_base(address, port)
         self.secret, self.timeout_s, self.what = secret, timeout_s, what
 
     def call(self, method: str, path: str, payload: dict | None = None, timeout_s: float | None = None) -> dict:

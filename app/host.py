@@ -175,7 +175,7 @@ class RemoteCluster(Cluster):
             client.post("/v1/launch", {
                 "launch_id": self.launch_id, "master_addr": address, "master_port": port, "model": self.model,
                 "ranks": ranks, **EngineOptions.of(self.spec).wire(), "source": source,
-            }, timeout_s=max(120.0, self.spec.timeout_s))
+            }, timeout_s=max(600.0, self.spec.timeout_s))  # an agent with the files hashes them once, first
             self._launched.append(client)
 
     def check_workers(self) -> None:
@@ -192,12 +192,15 @@ class RemoteCluster(Cluster):
                     why = f": {w['last_line']}" if w["last_line"] else ""
                     raise WorkerLost(f"worker rank {w['rank']} on {client.base} exited with code {w['exit_code']}{why}")
 
-        if self.on_fetch and self.fetches != fetches:
-            self.on_fetch(self.fetched())
+        if self.fetches != fetches:
+            self.progress_at = time.monotonic()
+            if self.on_fetch:
+                self.on_fetch(self.fetched())
 
     def after_connect(self) -> None:
         super().after_connect()
         self.check_workers()  # every rank has loaded: its fetch's last word is in
+
     def stop_other_ranks(self) -> None:
         for client in self._launched:
             try:

@@ -46,6 +46,7 @@ class Cluster:
         self.launch_id = uuid.uuid4().hex[:12]
         self.rendezvous_key = secrets.token_hex(32)  # a launch on agents uses the pool secret instead
         self.rendezvous: Rendezvous | None = None
+        self.progress_at = 0.0  # when the other ranks last showed progress while loading
 
     def __enter__(self):
         try:
@@ -97,10 +98,11 @@ class Cluster:
         a loaded machine, a large model. A rank still alive gets LOAD_TIMEOUT_S at least."""
         keys = [ready_key(r) for r in range(1, self.world_size)]
         limit = max(self.spec.timeout_s, LOAD_TIMEOUT_S)
-        deadline = time.monotonic() + limit
+        self.progress_at = time.monotonic()
         while not store.check(keys):
             self.check_workers()
-            if time.monotonic() > deadline:
+            # A rank fetching its slices from this host moves the deadline on each time it gets some.
+            if time.monotonic() > self.progress_at + limit:
                 raise WorkerLost(f"workers did not load their shards within {limit:.0f} s")
             time.sleep(0.05)
 

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,12 +33,16 @@ from llmd.engine import quant
 from llmd.engine.checkpoint import SAFETENSORS_DTYPES, cache_root, staged
 from llmd.engine.sharding import Read
 
+from .client import http_base
 from .models import CASTS, Manifest, ModelUnavailable, Part, Source, parts
 from .security import answer_is_genuine, body_digest, signed_headers
 
-CHUNK_BYTES = 4 << 20  # whole rows (or columns) up to this much a chunk: the unit of resuming
+CHUNK_BYTES = 4 << 20  # whole rows up to this much a chunk: the unit of resuming
+# Columns in wider chunks: the host reads every row of a tensor to cut any of its columns, once per chunk.
+COLUMN_CHUNK_BYTES = 16 << 20
 IN_FLIGHT = 4
 TRIES = 3
+STALE_PART_S = 600  # a chunk being written is older than this only if its writer died
 MAX_ANSWER = 64 << 20  # a slice answer holds at most 16 MiB (app/models.py): anything larger is refused
 SOURCE_ENV, CACHE_MAX_ENV, PROGRESS_ENV = "LLMD_MODEL_SOURCE", "LLMD_CACHE_MAX_BYTES", "LLMD_FETCH_PROGRESS"
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -72,6 +76,16 @@ class ChunkCache:
         (self.root / "chunks").mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self.db.executescript(SCHEMA)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what a writer killed mid-chunk left: a partial file no live writer has touched for a while."""
+        for part in (self.root / "chunks").glob(".part-*"):
+            try:
+                if time.time() - part.stat().st_mtime > STALE_PART_S:
+                    part.unlink()
+            except OSError:
+                pass  # another process swept it first
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -151,7 +165,7 @@ class HostClient:
 
     def __init__(self, source: Source, secret: str, timeout_s: float = 60.0):
         self.source, self.secret, self.timeout_s = source, secret, timeout_s
-        self.base = f"http://{source.receiver.split('@', 1)[1]}"
+        self.base = http_base(source.address, source.port)
         self.bytes = 0  # answer bytes received, all calls together
         self._lock, self._local = threading.Lock(), threading.local()
 
@@ -168,7 +182,8 @@ class HostClient:
     def _read(self, r: http.client.HTTPResponse) -> memoryview:
         """The body, into this thread's buffer, kept from one answer to the next: a fresh buffer of
         megabytes a chunk costs as much in page faults as the copy itself. Valid until the thread's next call."""
-        length = int(r.getheader("Content-Length") or -1)
+        text = r.getheader("Content-Length") or ""
+        length = int(text) if text.isdigit() and len(text) < 12 else -1
         if not 0 <= length <= MAX_ANSWER:
             raise http.client.HTTPException(f"an answer of {length} bytes")
         buf = getattr(self._local, "buf", None)
@@ -308,7 +323,9 @@ class FetchingReader:
         self.model_dir = model_dir  # the model's small files (`prepare`)
         self.model = manifest.id
         self.opened: list[str] = []  # the checkpoint's files are the host's: none is opened here
-        self.using: set[str] = set()  # chunks read by this reader: never evicted under it
+        self.using: set[str] = set()  # chunks this reader fetched or read
+        # Kept for the reader's life: its threads keep their connections and buffers from fetch to fetch.
+        self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="llmd-fetch")
 
     def __enter__(self):
         return self
@@ -359,15 +376,25 @@ class FetchingReader:
             if progress:
                 progress(len(data))
 
-        if not wants:
-            return
-        pool = ThreadPoolExecutor(min(IN_FLIGHT, len(wants)), thread_name_prefix="llmd-fetch")
+        futures = [self._pool.submit(one, w) for w in wants]
         try:
-            for f in [pool.submit(one, w) for w in wants]:
+            for f in futures:
                 f.result()
         finally:  # the first failure ends the fetch: what is not yet asked for is not asked for
-            pool.shutdown(cancel_futures=True)
-        self.cache.evict(keep=self.using)
+            for f in futures:
+                f.cancel()
+            wait(futures)  # and what is under way ends before this returns
+
+    def covering(self, reads: list[Read], group: int | None = None) -> set[str]:
+        """The chunks in the cache that hold `reads`: what eviction must leave while they are loaded."""
+        out = set()
+        for r in reads:
+            entry = self.manifest.tensors[r.name]
+            dim, ranges = (0, [(0, entry.shape[0])]) if r.dim is None else (r.dim, list(r.ranges))
+            kind = self._dense(r.name) if r.form == "dense" else r.form
+            chunks = self.cache.chunks(self.model, r.name, cache_kind(kind, group if kind == "int4" else None), dim)
+            out |= {c.sha256 for a, b in ranges for _, _, c in cover(a, b, chunks) if c is not None}
+        return out
 
     def _dense(self, name: str) -> str:
         """How a dense tensor travels: cast when that narrows it, else as stored."""
@@ -386,7 +413,8 @@ class FetchingReader:
         per = sum(p.nbytes for p in self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group))
         unit = group if kind == "int4" and dim == 1 else 1  # int4 columns go in whole groups
         per_index = per / unit
-        block = max(unit, int(CHUNK_BYTES // max(per_index, 1)) // unit * unit)
+        limit = COLUMN_CHUNK_BYTES if dim == 1 else CHUNK_BYTES
+        block = max(unit, int(limit // max(per_index, 1)) // unit * unit)
         chunks = self.cache.chunks(self.model, name, cache_kind(kind, group), dim)
         out = []
         for a, b in ranges:
@@ -431,8 +459,8 @@ class FetchingReader:
         out = []
         for i, p in enumerate(self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group)):
             column = [held[i] for held in pieces]
-            joined = column[0] if p.joins is None or len(column) == 1 else torch.cat(column, p.joins)
-            out.append(joined.contiguous())
+            # Copied out (cat copies, one view is cloned): a view would keep its whole chunk's buffer alive.
+            out.append(column[0].clone() if p.joins is None or len(column) == 1 else torch.cat(column, p.joins))
         return out
 
 
@@ -523,11 +551,14 @@ def fetch_for(reader: FetchingReader, ranks: list[int], plan, weights: str, labe
     cfg = ModelConfig.from_hf(load_hf_config(reader.model_dir))
     group = quant.group_size(cfg) if weights == "int4" else None
     wants: dict[Want, None] = {}  # ranks of one stage share tensors (norms): each chunk once
-    for rank in ranks:
-        wants.update(dict.fromkeys(reader.wants(reads(cfg, plan, rank, weights, set(reader.manifest.tensors)), group)))
+    asked = [r for rank in ranks for r in reads(cfg, plan, rank, weights, set(reader.manifest.tensors))]
+    wants.update(dict.fromkeys(reader.wants(asked, group)))
     report = Reporter(label, sum(w.nbytes for w in wants), progress_path)
     reader.fetch(list(wants), progress=report)
     report.report()
+    # Within the bound again, least recently used first, but never what these ranks are about to load (a share
+    # larger than the bound keeps the cache over it until the next fetch).
+    reader.cache.evict(keep=reader.covering(asked, group))
     return report
 
 

@@ -156,7 +156,7 @@ def make_manifest(model_dir: Path) -> Manifest:
         tensors.update(held)
     manifest = Manifest(files, weights, tensors)
     saved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+    tmp = saved.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(manifest.to_dict()))
     tmp.replace(saved)
     return manifest
@@ -233,6 +233,8 @@ def parts(kind: str, dtype: torch.dtype, shape: list[int], dim: int, n: int, gro
 
 def answer_parts(entry: TensorEntry, ask: SliceAsk) -> list[Part]:
     """The parts of an asked slice; ValueError when it is not a slice of the tensor."""
+    if entry.dtype not in SAFETENSORS_DTYPES or not entry.shape or 0 in entry.shape:
+        raise ValueError(f"a {entry.dtype} tensor of shape {entry.shape} is not served in slices")
     dtype = SAFETENSORS_DTYPES[entry.dtype]
     if ask.dim is None:
         return parts(ask.kind, dtype, entry.shape, 0, entry.shape[0] if entry.shape else 1, ask.group)
@@ -263,12 +265,22 @@ def read_slice(reader: SliceReader, entry: TensorEntry, ask: SliceAsk) -> memory
 class Offered:
     model_dir: Path
     manifest: Manifest
-    readers: threading.local = field(default_factory=threading.local)  # a SliceReader per serving thread
+    local: threading.local = field(default_factory=threading.local)  # a SliceReader per serving thread
+    readers: list[SliceReader] = field(default_factory=list)  # all of them, closed with the server
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reader(self) -> SliceReader:
-        if getattr(self.readers, "r", None) is None:
-            self.readers.r = SliceReader(self.model_dir)
-        return self.readers.r
+        if getattr(self.local, "r", None) is None:
+            self.local.r = SliceReader(self.model_dir)
+            with self.lock:
+                self.readers.append(self.local.r)
+        return self.local.r
+
+    def close(self) -> None:
+        with self.lock:
+            for r in self.readers:
+                r.__exit__(None, None, None)
+            self.readers = []
 
 
 def create_app(models: dict[str, Offered]):
@@ -290,7 +302,10 @@ def create_app(models: dict[str, Offered]):
         m = offered(model_id)
         if m is None or name not in m.manifest.files:
             return error(404, "no such model file here")
-        return Response((m.model_dir / name).read_bytes(), media_type="application/octet-stream")
+        try:
+            return Response((m.model_dir / name).read_bytes(), media_type="application/octet-stream")
+        except OSError:
+            return error(404, "that model file is gone from the host")
 
     @app.post("/v1/models/{model_id}/slice")
     def one_slice(model_id: str, ask: SliceAsk):
@@ -304,7 +319,10 @@ def create_app(models: dict[str, Offered]):
             return error(400, str(e))
         if size > MAX_SLICE_BYTES:
             return error(413, f"a slice of {size} bytes is over the {MAX_SLICE_BYTES} an answer holds: ask in parts")
-        return Response(read_slice(m.reader(), entry, ask), media_type="application/octet-stream")
+        try:
+            return Response(read_slice(m.reader(), entry, ask), media_type="application/octet-stream")
+        except OSError:  # the file changed or went since the manifest was made
+            return error(409, "the model's files changed on the host since it was offered: relaunch")
 
     return app
 
@@ -328,6 +346,8 @@ class ModelServer:
 
     def close(self) -> None:
         self._server.close()
+        for m in self.models.values():
+            m.close()
 
 
 # ---- a folder of models (`llmd up --models-dir`)

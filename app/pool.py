@@ -129,9 +129,9 @@ class Pool:
     def set_models_dir(self, folder: str) -> str:
         return self.supervisor.set_models_dir(folder)
 
-    def switch_model(self, path: str) -> None:
-        """Relaunch the pool on one of the models folder's models."""
-        self.supervisor.switch_model(path)
+    def switch_model(self, name: str) -> None:
+        """Relaunch the pool on one of the models folder's models, by its name there."""
+        self.supervisor.switch_model(name)
 
     def expect_agents(self, count: int, timeout_s: float) -> None:
         self.supervisor.expect_agents(count, timeout_s)

@@ -28,6 +28,7 @@ from .host import Fetch, Host, NoAgents, PeerStatus, RemoteCluster
 from .inventory import summary_devices
 from .models import Found, ModelServer, find_models
 from .options import EngineOptions
+from .client import http_base
 from .launch import Cluster, LocalCluster
 from .serving import Limits, Serving, describe_error
 from .store import Store
@@ -41,6 +42,7 @@ class PoolBusy(LlmdError): ...
 PHASES = {"waiting": 0.0, "resolving the model": 0.05, "starting workers": 0.15, "loading shards": 0.3,
           "warming up": 0.8, "ready": 1.0}
 PEERS_EVERY = 5  # sampler ticks between two records of the peer table
+LISTING_S = 10.0  # how long a listing of the models folder (and its plans) is shown before it is made again
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class Supervisor:
         self._measured: list[dict] = []  # each rank's weights and peak memory, read once the engine is up
         self.fetches: dict[str, Fetch] = {}  # agent control address -> what its workers fetched this launch
         self._models: ModelServer | None = None  # serves slices fetched ahead of a launch (`join`)
+        self._listing: tuple | None = None  # the models folder's last listing: (what it depends on, when, rows)
 
     def start(self, local_agent_devices: str | None = None, local_agent: bool = True) -> None:
         """The agent child first (before any thread of ours exists), then discovery."""
@@ -210,7 +213,14 @@ class Supervisor:
         """The models folder's models, each with the precisions the planner says fit the devices of the next
         launch (none known for a GPU the planner does not know, or for a GGUF file before it is converted)."""
         folder = self.config.recipe.models_dir
-        return [(m, self.fitting(m)) for m in find_models(Path(folder))] if folder else []
+        if not folder:
+            return []
+        joined = tuple(s.peer.key for s in self.host.peers() if s.joined) if self.host else ()
+        key = (folder, id(self.engine), joined)
+        listed = self._listing
+        if listed is None or listed[0] != key or time.monotonic() - listed[1] > LISTING_S:
+            listed = self._listing = (key, time.monotonic(), [(m, self.fitting(m)) for m in find_models(Path(folder))])
+        return listed[2]
 
     def next_devices(self) -> list[Device | None]:
         """The devices the next launch runs on, as the planner sees them: rank 0 here and every device of the
@@ -254,11 +264,12 @@ class Supervisor:
         self.config.recipe = replace(self.config.recipe, models_dir=str(path))
         return str(path)
 
-    def switch_model(self, path: str) -> None:
-        """Relaunch on a model of the models folder (nothing else: the page names a model, not a path)."""
-        if path not in {m.path for m, _ in self.models()}:
-            raise LlmdError("that model is not in the models folder")
-        self.config.recipe = replace(self.config.recipe, model=path)
+    def switch_model(self, name: str) -> None:
+        """Relaunch on a model of the models folder, by its name there (the page never sees a path)."""
+        paths = {m.name: m.path for m, _ in self.models()}
+        if name not in paths:
+            raise LlmdError(f"{name!r} is not in the models folder")
+        self.config.recipe = replace(self.config.recipe, model=paths[name])
         self.relaunch()
 
     def relaunch(self) -> None:
@@ -385,7 +396,7 @@ class Supervisor:
             return []
         fetched = self.fetches
         return [{**s.to_dict(), "local": self._is_local(s.peer.advert),
-                 "fetch": fetched.get(f"http://{s.peer.advert.address}:{s.peer.advert.port}")}
+                 "fetch": fetched.get(http_base(s.peer.advert.address, s.peer.advert.port))}
                 for s in self.host.peers()]
 
     def _is_local(self, advert) -> bool:
@@ -416,13 +427,13 @@ class Supervisor:
             for s, h in health:
                 ranks = [{"rank": rank + i, "device": d} for i, d in enumerate(h["devices"])]
                 rank += len(ranks)
-                client = self.host.client(s.peer, timeout_s=60)
+                client = self.host.client(s.peer, timeout_s=600)  # an agent with the files hashes them first
                 client.post("/v1/prefetch", {"model": recipe.model, "plan": setup.spec.plan, "ranks": ranks,
                                              "dtype": options.dtype, "weights": options.weights,
                                              "context": options.context, "source": source})
                 asked.append(client)
             self._follow_prefetch(asked, source["model_id"])
-        except LlmdError as e:
+        except (LlmdError, OSError) as e:
             print(f"llmd: fetching slices ahead of the next launch: {e}", file=sys.stderr, flush=True)
 
     def _follow_prefetch(self, clients: list, model_id: str) -> None:

@@ -207,6 +207,7 @@ class SliceReader:
         self._dir = Path(model_dir)
         self._file_of = weight_files(model_dir)
         self._files: dict[str, tuple[int, dict, int]] = {}  # file name -> (fd, header, data start)
+        self._scales: dict[str, torch.Tensor] = {}  # int8 scales of whole rows, by tensor
 
     def __enter__(self):
         return self
@@ -255,10 +256,21 @@ class SliceReader:
         from . import quant
 
         if weights == "int8" and dim == 1:
-            whole = self.whole(name)
-            scales = quant.int8_scales(whole)
-            return quant.quantise_int8(torch.cat([whole[:, a:b] for a, b in ranges], dim=1), scales), scales
+            scales = self.int8_row_scales(name)
+            return quant.quantise_int8(self.cols(name, ranges), scales), scales
         return quant.quantise((self.rows if dim == 0 else self.cols)(name, ranges), weights, group)
+
+    def int8_row_scales(self, name: str) -> torch.Tensor:
+        """The int8 scales of a 2-D tensor's whole rows, read a block of rows at a time (never the whole
+        tensor at once), once per tensor for this reader."""
+        from . import quant
+
+        if name not in self._scales:
+            t = self._stored(name)
+            step = max(1, COLUMN_BLOCK_BYTES // t.row_bytes)
+            self._scales[name] = torch.cat([quant.int8_scales(self.rows(name, [(a, min(a + step, t.shape[0]))]))
+                                            for a in range(0, t.shape[0], step)])
+        return self._scales[name]
 
     def _stored(self, name: str) -> Stored:
         file = self._file_of[name]  # KeyError for a name no file holds, as before

@@ -6,7 +6,10 @@ own slices; a second load fetches nothing, a balancer move fetches only what it 
 is fetched again, and a fetch cut short resumes. The namespaced end-to-end run is test_netns_models.py.
 """
 
+import os
 import shutil
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_model
 from llmd.app import model_cache
-from llmd.app.model_cache import ChunkCache, HostClient, cover, open_fetched, prepare
+from llmd.app.model_cache import ChunkCache, HostClient, cover, fetch_for, open_fetched, prepare
 from llmd.app.models import MAX_SLICE_BYTES, ModelServer, ModelUnavailable, make_manifest
 from llmd.app.security import signed_headers
 from llmd.engine import quant, sharding
@@ -173,6 +176,7 @@ def test_a_fetch_cut_half_way_resumes_where_it_stopped(sharded, server, monkeypa
     cfg = ModelConfig.from_hf(load_hf_config(sharded))
     plan = make_plan(cfg, [1])
     monkeypatch.setattr(model_cache, "CHUNK_BYTES", 16 << 10)  # many chunks
+    monkeypatch.setattr(model_cache, "COLUMN_CHUNK_BYTES", 16 << 10)
     local, reader = agent_reader(server, sharded)
     wants = reader.wants(sharding.reads(cfg, plan, 0, "fp32", set(reader.manifest.tensors)))
     total = sum(w.nbytes for w in wants)
@@ -239,7 +243,7 @@ def test_slices_go_only_to_signed_requests_and_bad_asks_get_a_4xx(sharded, serve
         client.call("GET", f"/v1/models/{'0' * 32}/manifest")
     with pytest.raises(ModelUnavailable, match="404"):
         client.call("GET", f"/v1/models/{source.model_id}/files/..%2Fpool.secret")
-    assert MAX_SLICE_BYTES >= model_cache.CHUNK_BYTES
+    assert MAX_SLICE_BYTES >= max(model_cache.CHUNK_BYTES, model_cache.COLUMN_CHUNK_BYTES)
 
 
 def test_the_cluster_tab_says_what_each_agent_fetched():
@@ -253,3 +257,60 @@ def test_the_cluster_tab_says_what_each_agent_fetched():
                   ("had", Fetch("http://198.18.0.4:1", 0, 0, 0, None)), ("local", None)]]
     frame = fns.peers_frame(peers)
     assert list(frame["model slices"]) == ["12.3 of 40.0 MB, 5.0 MB/s, 6 s left", "fetched 40.0 MB", "had them all", ""]
+
+
+def test_a_share_larger_than_the_cache_bound_still_loads_and_grows(sharded, server):
+    """The bound gives way to what a rank is loading: nothing it needs is evicted under it, and the cache is
+    back within the bound as soon as it no longer needs more."""
+    cfg = ModelConfig.from_hf(load_hf_config(sharded))
+    old, new = make_plan(cfg, [1, 1]), make_plan(cfg, [3, 1])  # rank 0 grows
+    local, reader = agent_reader(server, sharded)
+    bound = slice_bytes(cfg, old, 0, reader.manifest) // 2
+    for plan in (old, new):
+        _, r = agent_reader(server, sharded, max_bytes=bound)
+        fetch_for(r, [0], plan, "fp32", "test")
+        got = load_shard(local, cfg, plan, 0, torch.float32, CPU, open_reader=lambda d: r)
+        assert same(got, load_shard(sharded, cfg, plan, 0, torch.float32, CPU))
+        for t in got.tensors():  # copied out of the chunks: no view keeps a chunk's buffer alive
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    _, other = agent_reader(server, sharded, max_bytes=bound)
+    fetch_for(other, [1], new, "fp32", "test")  # another rank's fetch evicts what rank 0 no longer loads
+    assert other.cache.total_bytes() <= max(bound, slice_bytes(cfg, new, 1, other.manifest))
+
+
+def test_odd_tensors_get_a_4xx_and_the_server_closes_its_files(tmp_path, cache_dir):
+    from safetensors.torch import save_file
+
+    model = tmp_path / "odd"
+    model.mkdir()
+    save_file({"scalar": torch.tensor(1.0), "empty": torch.zeros(0, 4), "w": torch.ones(4, 4)},
+              model / "model.safetensors")
+    (model / "config.json").write_text("{}")
+
+    def open_files() -> int:
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if "odd" in str(fd.resolve(strict=False)))
+
+    s = ModelServer("127.0.0.1", SECRET)
+    try:
+        source = s.offer(model)
+        client = HostClient(source, SECRET)
+        path = f"/v1/models/{source.model_id}/slice"
+        for ask in [{"tensor": "scalar"}, {"tensor": "empty"}, {"tensor": "scalar", "kind": "bf16"},
+                    {"tensor": "empty", "kind": "int8", "dim": 0, "start": 0, "stop": 1}]:
+            with pytest.raises(ModelUnavailable, match="400"):
+                client.call("POST", path, ask)
+        assert len(client.call("POST", path, {"tensor": "w", "kind": "int8", "dim": 1, "start": 0, "stop": 2})) == 8 + 8
+        assert open_files() > 0
+    finally:
+        s.close()
+    assert open_files() == 0
+
+
+def test_a_partial_chunk_left_by_a_killed_writer_is_swept(tmp_path):
+    ChunkCache(tmp_path)
+    stale, fresh = tmp_path / "chunks" / ".part-dead", tmp_path / "chunks" / ".part-live"
+    stale.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y" * 100)
+    os.utime(stale, (time.time() - model_cache.STALE_PART_S - 60,) * 2)
+    ChunkCache(tmp_path)  # a new process opening the cache
+    assert not stale.exists() and fresh.exists()

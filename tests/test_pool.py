@@ -364,8 +364,8 @@ def test_the_models_folder_lists_what_fits_and_switching_relaunches_on_it(tmp_pa
         assert tiny.bytes > 0 and set(fits) == {"fp32", "bf16", "fp16", "int8"}  # int4: its sizes are not in groups
         assert listed["other"][1] == []
         with pytest.raises(LlmdError, match="not in the models folder"):
-            p.switch_model(str(tiny_models["llama-gqa"]))
-        p.switch_model(tiny.path)
+            p.switch_model(str(tiny_models["llama-gqa"]))  # a path, or any name not listed there
+        p.switch_model(tiny.name)
         wait_ready(p)
         assert p.model_name() == "tiny-qwen"
         _, r = chat(p, 4)

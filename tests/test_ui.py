@@ -7,6 +7,7 @@ of each tab under test-artifacts/ui/.
 import json
 import os
 import re
+import shutil
 
 import httpx
 import pytest
@@ -28,9 +29,16 @@ def secret():
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory, secret):
+def models_dir(tmp_path_factory, tiny_models):
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(tiny_models["qwen2-bias"], folder / "tiny-qwen")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory, secret, models_dir):
     server = start_up(tmp_path_factory.mktemp("up"), secret, "--workers", "2", "--compile", "off",
-                      "--max-new-tokens", str(MAX_NEW_TOKENS))
+                      "--max-new-tokens", str(MAX_NEW_TOKENS), "--models-dir", str(models_dir))
     try:
         yield server
     finally:
@@ -212,6 +220,23 @@ def test_costs_change_with_the_electricity_price(page):
     after = wait_for(lambda: (c := cost_per_million(page)) != before and c, "the cost to follow the price")
     assert after == pytest.approx(before * 10, rel=0.01)
     screenshot(page, "costs")
+
+
+def test_the_model_picker_lists_the_folder_and_runs_a_model(page):
+    """The Chat tab's models: each with its size and the precisions the planner says fit; running one (the
+    page holds an admin session by now) relaunches the pool on it."""
+    open_tab(page, "Chat")
+    page.click("#model-picker")
+    row = wait_for(lambda: next((r for r in table_rows(page, "#models") if r.startswith("tiny-qwen")), ""),
+                   "the folder's model listed")
+    assert "13 MB" in row and "fp32" in row and "int4" not in row  # its sizes are not whole int4 groups
+    pick = page.locator("#model-pick input")
+    pick.click()
+    page.get_by_role("option", name=re.compile("tiny-qwen")).click()
+    page.click("#switch-model")
+    wait_text(page, "#models-note", "Launching")
+    wait_text(page, "#status", r"tiny-qwen.*\bready\b|\bready\b.*tiny-qwen", timeout_s=120)
+    screenshot(page, "model-picker")
 
 
 def test_stopping_up_leaves_no_process(up):

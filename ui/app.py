@@ -61,8 +61,9 @@ def chat_tab(c: dict, options: UiOptions) -> None:
         c["top_k"] = gr.Slider(0, 200, value=50, step=1, label="top-k (0: off)")
         c["greedy"] = gr.Checkbox(False, label="greedy (always the most likely token)", elem_id="greedy")
     with gr.Accordion("Model", open=False, elem_id="model-picker"):
-        gr.Markdown("The models in the models folder, with the precisions the planner says fit the running "
-                    "engine's devices. Running another relaunches the pool on it (admin link only).")
+        gr.Markdown("The models in the models folder, with the precisions the planner says fit the next launch's "
+                    "devices (this machine and the joined agents). Running one relaunches the pool on it (admin "
+                    "link only).")
         c["models"] = gr.Dataframe(elem_id="models", interactive=False, label="models")
         with gr.Row():
             c["model_pick"] = gr.Dropdown([], label="model", elem_id="model-pick", scale=3)

@@ -103,13 +103,17 @@ def peers_frame(peers: list[dict]) -> pd.DataFrame:
 
 
 def models_frame(models: list[tuple[Found, list[str]]]) -> pd.DataFrame:
-    rows = [[m.name, f"{m.bytes / 1e9:,.2f} GB", ", ".join(fits) if fits else ("?" if m.config else "after converting")]
+    rows = [[m.name, size_text(m.bytes), ", ".join(fits) if fits else ("?" if m.config else "after converting")]
             for m, fits in models]
     return pd.DataFrame(rows, columns=["model", "weights on disk", "precisions that fit (planner)"])
 
 
 def model_choices(models: list[tuple[Found, list[str]]]) -> list[tuple[str, str]]:
-    return [(f"{m.name} ({m.bytes / 1e9:,.2f} GB)", m.path) for m, _ in models]
+    return [(f"{m.name} ({size_text(m.bytes)})", m.name) for m, _ in models]
+
+
+def size_text(nbytes: int) -> str:
+    return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:,.0f} MB"
 
 
 def fetch_text(f: Fetch | None) -> str:

@@ -115,19 +115,19 @@ class Handlers:
 
     def models(self, session: Session, live: bool):
         listed, folder = self.pool.models(), self.pool.models_dir()
-        version = (folder, tuple((m.path, m.bytes, tuple(fits)) for m, fits in listed))
+        version = (folder, tuple((m.name, m.bytes, tuple(fits)) for m, fits in listed))
         if not live or not session.changed("models", version):
             return (session, *skip(3))
         return (session, fns.models_frame(listed), gr.update(choices=fns.model_choices(listed)),
                 gr.update(value=folder or ""))
 
-    def switch_model(self, path: str, request: gr.Request):
+    def switch_model(self, name: str, request: gr.Request):
         if not self.admin.allows(request):
             return REFUSED
-        if not path:
+        if not name:
             return "Pick a model first."
         try:
-            self.pool.switch_model(path)
+            self.pool.switch_model(name)
         except LlmdError as e:
             return f"Cannot switch now: {e}"
         return "Launching it: the status line above shows the progress."
