@@ -33,7 +33,7 @@ from .discovery import Advert, Advertiser, open_zeroconf
 from .guard import PlainJSON, SignedApi, bound_socket, error, plain_errors, server_config
 from .model_cache import (CACHE_MAX_ENV, PROGRESS_ENV, SOURCE_ENV, HostClient, dense_kind, fetch_for, open_fetched,
                           prepare, read_progress, source_to_env)
-from .models import ModelUnavailable, Source, make_manifest
+from .models import Manifest, ModelUnavailable, Source, make_manifest, same_sizes
 from .net import engine_env, worker_failure
 from .options import EngineOptions
 from .rendezvous import rendezvous_url, worker_command
@@ -127,12 +127,15 @@ def agent_model(name: str) -> Path:
         raise LaunchRefused(str(e)) from None
 
 
-def local_copy(name: str, model_id: str) -> Path | None:
-    """The model on this agent's own disk, where the launch names it, if its content is the host's."""
+def local_copy(name: str, model_id: str, manifest: Manifest | None = None) -> Path | None:
+    """The model on this agent's own disk, where the launch names it, if its content is the host's. With the
+    host's `manifest`, a folder whose files differ in name or size is passed over without hashing it."""
     if name != "default" and Path(name).suffix == ".gguf":
         return None
     try:
         here = resolve_model(name)
+        if manifest is not None and not same_sizes(here, manifest):
+            return None
         return here if make_manifest(here).id == model_id else None
     except (LlmdError, OSError, ValueError, KeyError):
         return None
@@ -288,11 +291,16 @@ class AgentState:
         if req.source is None:
             return agent_model(req.model), None
         source = Source(**req.source.model_dump())
-        here = local_copy(req.model, source.model_id)
+        client = HostClient(source, self.verifier.secret)
+        try:
+            manifest = client.manifest()  # small: names which local folder could be the model before hashing one
+        except ModelUnavailable:
+            manifest = None
+        here = local_copy(req.model, source.model_id, manifest)
         if here is not None:
             return here, None
         try:
-            return prepare(source, HostClient(source, self.verifier.secret)), source
+            return prepare(source, client, manifest=manifest), source
         except (ModelUnavailable, OSError, ValueError) as e:
             raise LaunchRefused(f"this agent lacks the model and could not fetch it: {e}") from None
 

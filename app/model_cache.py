@@ -248,14 +248,14 @@ class HostClient:
         return self.answer("POST", f"/v1/models/{self.source.model_id}/slice", ask)
 
 
-def prepare(source: Source, client: HostClient, root: Path | None = None) -> Path:
+def prepare(source: Source, client: HostClient, root: Path | None = None, manifest: Manifest | None = None) -> Path:
     """The model's directory in the cache (small files and manifest), fetched once and checked against
-    the manifest's hashes: what a rank gets as its model_dir."""
+    the manifest's hashes: what a rank gets as its model_dir. `manifest`: the host's, when already fetched."""
     root = root or fetched_root()
     out = root / "models" / source.model_id
     if (out / "manifest.json").is_file():
         return out
-    manifest = client.manifest()
+    manifest = manifest or client.manifest()
     bad = [n for n in manifest.files if not SAFE_NAME.fullmatch(n)]
     if bad:
         raise ModelUnavailable(f"the manifest names files this cache will not write: {bad[:3]}")

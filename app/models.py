@@ -162,6 +162,16 @@ def make_manifest(model_dir: Path) -> Manifest:
     return manifest
 
 
+def same_sizes(model_dir: Path, manifest: Manifest) -> bool:
+    """Whether a folder holds files of the manifest's names and sizes: what a folder must show before it is
+    worth hashing as a copy of that model (a different one at the same path is seen at once)."""
+    model_dir = Path(model_dir)
+    small = {p.name: p.stat().st_size for p in small_files(model_dir)}
+    weights = {p.name: p.stat().st_size for p in model_dir.glob("*.safetensors")}
+    return (small == {k: v.size for k, v in manifest.files.items()}
+            and weights == {k: v.size for k, v in manifest.weights.items()})
+
+
 # What a launch request carries for an agent to find the model: where to fetch it, and its id.
 @dataclass(frozen=True)
 class Source:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import make_tiny_model
 from llmd.app import model_cache
 from llmd.app.model_cache import ChunkCache, HostClient, cover, fetch_for, open_fetched, prepare
-from llmd.app.models import MAX_SLICE_BYTES, ModelServer, ModelUnavailable, make_manifest
+from llmd.app.models import MAX_SLICE_BYTES, ModelServer, ModelUnavailable, make_manifest, same_sizes
 from llmd.app.security import signed_headers
 from llmd.engine import quant, sharding
 from llmd.engine.config import ModelConfig, load_hf_config
@@ -82,10 +82,11 @@ def slice_bytes(cfg, plan, rank, manifest, whole_only=False, only=None) -> int:
 
 def test_a_models_id_is_its_content_wherever_it_lives(sharded, tmp_path, cache_dir):
     copy = shutil.copytree(sharded, tmp_path / "elsewhere" / "copy")
-    assert make_manifest(copy).id == make_manifest(sharded).id
+    assert make_manifest(copy).id == make_manifest(sharded).id and same_sizes(copy, make_manifest(sharded))
     config = (copy / "config.json").read_text()
     (copy / "config.json").write_text(config + "\n")
     assert make_manifest(copy).id != make_manifest(sharded).id  # one byte more in the config: another model
+    assert not same_sizes(copy, make_manifest(sharded))  # seen without hashing the weights
     m = make_manifest(sharded)
     assert {"config.json", "tokenizer.json"} <= set(m.files) and not any(f.endswith(".safetensors") for f in m.files)
     assert len(m.weights) > 3 and "model.layers.2.mlp.down_proj.weight" in m.tensors
