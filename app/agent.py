@@ -13,12 +13,12 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import psutil
 import uvicorn
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 import llmd
 from llmd.engine import quant
@@ -52,24 +52,26 @@ class RankAssignment(Strict):
     device: str = Field(pattern=r"^(cpu|cuda:\d{1,3})$")
 
 
+def an_ip_address(value: str) -> str:
+    ipaddress.ip_address(value)  # a ValueError is a 400 naming the field
+    return value
+
+
+IpAddress = Annotated[str, Field(min_length=2, max_length=45), AfterValidator(an_ip_address)]
+
+
 class ModelSource(Strict):
     """Where the host serves the launch's model (app/models.py), and the model's id by content."""
 
-    address: str = Field(min_length=2, max_length=45)
+    address: IpAddress
     port: int = Field(ge=1, le=65535)
     server_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     model_id: str = Field(pattern=r"^[0-9a-f]{32}$")
 
-    @field_validator("address")
-    @classmethod
-    def an_ip_address(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
-
 
 class LaunchRequest(Strict):
     launch_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    master_addr: str = Field(min_length=2, max_length=45)
+    master_addr: IpAddress
     master_port: int = Field(ge=1, le=65535)
     model: str = Field(min_length=1, max_length=4096)
     plan: dict
@@ -84,12 +86,6 @@ class LaunchRequest(Strict):
     reshardable: bool = False
     slowdown: list[tuple[int, float, int]] = Field(default_factory=list, max_length=4096)
     source: ModelSource | None = None  # None: the model must be on this agent's disk
-
-    @field_validator("master_addr")
-    @classmethod
-    def an_ip_address(cls, value: str) -> str:
-        ipaddress.ip_address(value)  # a ValueError is a 400 naming the field
-        return value
 
 
 class PrefetchRequest(Strict):

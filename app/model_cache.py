@@ -292,7 +292,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Want:
-    """A slice the cache lacks: [start, stop) along `dim` of a tensor, in `kind` (app/models.py KINDS)."""
+    """A slice the cache lacks: [start, stop) along `dim` of a tensor, in `kind` (app/models.py `SliceAsk`)."""
 
     tensor: str
     kind: str
@@ -323,7 +323,6 @@ class FetchingReader:
         self.model_dir = model_dir  # the model's small files (`prepare`)
         self.model = manifest.id
         self.opened: list[str] = []  # the checkpoint's files are the host's: none is opened here
-        self.using: set[str] = set()  # chunks this reader fetched or read
         # Kept for the reader's life: its threads keep their connections and buffers from fetch to fetch.
         self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="llmd-fetch")
 
@@ -371,8 +370,7 @@ class FetchingReader:
             data, sha = self.client.slice(w.tensor, w.kind, w.dim, w.start, w.stop, w.group)
             if len(data) != w.nbytes:
                 raise ModelUnavailable(f"the host sent {len(data)} bytes of {w.tensor}, not {w.nbytes}")
-            chunk = self.cache.put(self.model, w.tensor, w.key, w.dim, w.start, w.stop, data, sha)
-            self.using.add(chunk.sha256)
+            self.cache.put(self.model, w.tensor, w.key, w.dim, w.start, w.stop, data, sha)
             if progress:
                 progress(len(data))
 
@@ -408,13 +406,17 @@ class FetchingReader:
         entry = self.manifest.tensors[name]
         return parts(kind, SAFETENSORS_DTYPES[entry.dtype], entry.shape, dim, n, group)
 
+    @staticmethod
+    def _unit(kind: str, dim: int, group: int | None) -> int:
+        """The fewest indices a chunk holds: int4 columns go in whole groups."""
+        return group if kind == "int4" and dim == 1 else 1
+
     def _missing(self, name: str, kind: str, dim: int, ranges: list[tuple[int, int]],
                  group: int | None = None) -> list[Want]:
-        per = sum(p.nbytes for p in self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group))
-        unit = group if kind == "int4" and dim == 1 else 1  # int4 columns go in whole groups
-        per_index = per / unit
+        unit = self._unit(kind, dim, group)
+        per_unit = sum(p.nbytes for p in self._parts(name, kind, dim, unit, group))
         limit = COLUMN_CHUNK_BYTES if dim == 1 else CHUNK_BYTES
-        block = max(unit, int(limit // max(per_index, 1)) // unit * unit)
+        block = max(1, limit // per_unit) * unit
         chunks = self.cache.chunks(self.model, name, cache_kind(kind, group), dim)
         out = []
         for a, b in ranges:
@@ -446,7 +448,6 @@ class FetchingReader:
                 if chunk is None:
                     raise CorruptChunk(f"{name} [{start}, {stop}) went missing")
                 data = bytearray(self.cache.read(chunk))
-                self.using.add(chunk.sha256)
                 offset, held = 0, []
                 for p in self._parts(name, kind, dim, chunk.stop - chunk.start, group):
                     t = torch.frombuffer(data, dtype=torch.uint8, offset=offset, count=p.nbytes)
@@ -457,7 +458,7 @@ class FetchingReader:
                     held.append(t)
                 pieces.append(held)
         out = []
-        for i, p in enumerate(self._parts(name, kind, dim, 1 if kind != "int4" or dim == 0 else group, group)):
+        for i, p in enumerate(self._parts(name, kind, dim, self._unit(kind, dim, group), group)):
             column = [held[i] for held in pieces]
             # Copied out (cat copies, one view is cloned): a view would keep its whole chunk's buffer alive.
             out.append(column[0].clone() if p.joins is None or len(column) == 1 else torch.cat(column, p.joins))
@@ -470,13 +471,6 @@ def error_line(status: int, content: bytes) -> str:
         return str(json.loads(bytes(content[:65536])).get("error"))[:300]
     except (ValueError, AttributeError):
         return f"{status}, {bytes(content[:200])!r}"
-
-
-def _rest(shape: list[int]) -> int:
-    n = 1
-    for s in shape[1:]:
-        n *= s
-    return n
 
 
 def cover(a: int, b: int, chunks: list[Chunk]) -> list[tuple[int, int, Chunk | None]]:

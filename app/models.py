@@ -185,7 +185,6 @@ class Source:
         return receiver_name(self.server_id, self.address, self.port)
 
 
-KINDS = ("raw", "bf16", "fp16", "int8", "int4")  # as stored; cast to a narrower dtype; quantised
 CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -247,7 +246,7 @@ def answer_parts(entry: TensorEntry, ask: SliceAsk) -> list[Part]:
         raise ValueError(f"a {entry.dtype} tensor of shape {entry.shape} is not served in slices")
     dtype = SAFETENSORS_DTYPES[entry.dtype]
     if ask.dim is None:
-        return parts(ask.kind, dtype, entry.shape, 0, entry.shape[0] if entry.shape else 1, ask.group)
+        return parts(ask.kind, dtype, entry.shape, 0, entry.shape[0], ask.group)
     if ask.dim >= len(entry.shape) or not 0 <= ask.start < ask.stop <= entry.shape[ask.dim]:
         raise ValueError(f"[{ask.start}, {ask.stop}) is not a range of dimension {ask.dim} of shape {entry.shape}")
     if ask.dim == 1 and len(entry.shape) != 2:

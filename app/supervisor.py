@@ -437,18 +437,13 @@ class Supervisor:
             print(f"llmd: fetching slices ahead of the next launch: {e}", file=sys.stderr, flush=True)
 
     def _follow_prefetch(self, clients: list, model_id: str) -> None:
+        """Show each agent's prefetch of `model_id` until none is still running."""
         running = True
         while running and not self._closing.wait(0.5):
-            running = False
-            for client in clients:
-                for p in client.get("/v1/prefetch")["prefetches"]:
-                    if p["model_id"] != model_id or not p["fetch"]:
-                        running = running or (p["model_id"] == model_id and p["running"])
-                        continue
-                    f = p["fetch"]
-                    self.fetches = {**self.fetches, client.base: Fetch(client.base, f["bytes"], f["total"], f["rate"],
-                                                                       f["left_s"])}
-                    running = running or p["running"]
+            jobs = [(c, p) for c in clients for p in c.get("/v1/prefetch")["prefetches"] if p["model_id"] == model_id]
+            shown = {c.base: Fetch(c.base, **p["fetch"]) for c, p in jobs if p["fetch"]}
+            self.fetches = {**self.fetches, **shown}
+            running = any(p["running"] for _, p in jobs)
 
     def drop(self, name: str) -> dict:
         status = self.host.drop(name)

@@ -207,7 +207,6 @@ class SliceReader:
         self._dir = Path(model_dir)
         self._file_of = weight_files(model_dir)
         self._files: dict[str, tuple[int, dict, int]] = {}  # file name -> (fd, header, data start)
-        self._scales: dict[str, torch.Tensor] = {}  # int8 scales of whole rows, by tensor
 
     def __enter__(self):
         return self
@@ -256,21 +255,23 @@ class SliceReader:
         from . import quant
 
         if weights == "int8" and dim == 1:
-            scales = self.int8_row_scales(name)
-            return quant.quantise_int8(self.cols(name, ranges), scales), scales
+            return self.int8_columns(name, ranges)
         return quant.quantise((self.rows if dim == 0 else self.cols)(name, ranges), weights, group)
 
-    def int8_row_scales(self, name: str) -> torch.Tensor:
-        """The int8 scales of a 2-D tensor's whole rows, read a block of rows at a time (never the whole
-        tensor at once), once per tensor for this reader."""
+    def int8_columns(self, name: str, ranges: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns quantised with the scales of their whole rows, in one pass over blocks of rows (a row's
+        scale is its own: never the whole tensor at once, never read twice)."""
         from . import quant
 
-        if name not in self._scales:
-            t = self._stored(name)
-            step = max(1, COLUMN_BLOCK_BYTES // t.row_bytes)
-            self._scales[name] = torch.cat([quant.int8_scales(self.rows(name, [(a, min(a + step, t.shape[0]))]))
-                                            for a in range(0, t.shape[0], step)])
-        return self._scales[name]
+        t = self._stored(name)
+        step = max(1, COLUMN_BLOCK_BYTES // t.row_bytes)
+        values, scales = [], []
+        for a in range(0, t.shape[0], step):
+            block = self.rows(name, [(a, min(a + step, t.shape[0]))])
+            s = quant.int8_scales(block)
+            values.append(quant.quantise_int8(torch.cat([block[:, x:y] for x, y in ranges], dim=1), s))
+            scales.append(s)
+        return torch.cat(values), torch.cat(scales)
 
     def _stored(self, name: str) -> Stored:
         file = self._file_of[name]  # KeyError for a name no file holds, as before
