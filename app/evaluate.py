@@ -23,8 +23,6 @@ from tqdm import tqdm
 
 from llmd.engine.errors import LlmdError
 
-from . import cli  # attributes read at call time: cli.py may import this module while it loads
-
 DEFAULT_TEXT = Path(__file__).with_name("eval_text.txt")  # essays written for this repository, ~4800 tokens
 ROWS_PER_CHUNK = 256  # logits rows scored at once: bounds the float32 temporaries to rows x vocab
 
@@ -116,6 +114,8 @@ def read_text(path: str | None) -> str:
 
 
 def cmd_eval(args) -> int:
+    from . import cli  # here, not at the top: cli.py imports this module while it loads
+
     setup = cli.prepare(args)
     ids = setup.text.tokenizer(read_text(args.text), add_special_tokens=False)["input_ids"]
     if args.max_tokens is not None:
