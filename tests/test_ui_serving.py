@@ -3,14 +3,16 @@ context) and a real headless Chromium.
 
 Covers: a chat in the page and an OpenAI-client request decoded at the same time (both finish, the API's
 greedy text is what it is alone); New chat during a reply (the reply stops at once, the chat box stays
-empty, the journal says cancelled, the next chat starts afresh); a chat that outgrows the context (its
+empty, the journal says cancelled, a message sent right after New chat is answered alone); a chat that outgrows the context (its
 oldest turns are left out, the page says so, every turn is answered).
 """
 
+import json
 import re
 import sqlite3
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -162,28 +164,42 @@ def test_a_chat_and_an_api_request_are_decoded_together(page, up):
 
 def test_new_chat_during_a_reply_stops_it_and_the_box_stays_empty(page, up):
     new_chat(page)
-    send(page, STORY, max_new_tokens=200)
-    wait_streaming(page)
-    running = latest(up)
-    assert running["status"] in ("queued", "running"), running
-    page.click("#new-chat")
-    try:
-        wait_for(lambda: chat_box(page)[:2] == ([], []), "the chat box to empty", timeout_s=30)
-    except AssertionError:
-        raise AssertionError(f"New chat left the chat box showing {chat_box(page)}") from None
-    row = wait_for(lambda: (r := journal(up, "id = ?", (running["id"],))[0])["status"] not in ("queued", "running")
-                   and r, "the reply to end in the journal", timeout_s=30)
-    assert row["status"] == "cancelled", row
-    assert row["generated_tokens"] < min(200, CONTEXT - row["prompt_tokens"]), row
-    for _ in range(12):  # the old reply, now ended, must not come back into the box
-        assert chat_box(page) == ([], [], ""), f"the ended reply came back into the chat box: {chat_box(page)}"
-        time.sleep(0.25)
+    for then_send in (False, True):
+        send(page, STORY, max_new_tokens=200)
+        wait_streaming(page)
+        running = latest(up)
+        assert running["status"] in ("queued", "running"), running
+        page.click("#new-chat")
+        try:
+            wait_for(lambda: chat_box(page)[:2] == ([], []), "the chat box to empty", timeout_s=30)
+        except AssertionError:
+            raise AssertionError(f"New chat left the chat box showing {chat_box(page)}") from None
+        if then_send:
+            break
+        row = wait_for(lambda: (r := journal(up, "id = ?", (running["id"],))[0])["status"] not in ("queued", "running")
+                       and r, "the reply to end in the journal", timeout_s=30)
+        assert row["status"] == "cancelled", row
+        assert row["generated_tokens"] < min(200, CONTEXT - row["prompt_tokens"]), row
+        for _ in range(12):  # the old reply, now ended, must not come back into the box
+            assert chat_box(page) == ([], [], ""), f"the ended reply came back into the chat box: {chat_box(page)}"
+            time.sleep(0.25)
 
+    # Sent at once, while the reply New chat ended may still be winding down: answered, and alone in the box.
     send(page, "Name three colours.", max_new_tokens=24)
     finished = wait_finished(page)
     assert "tokens/s" in finished and "error" not in finished, finished
     assert len(user_texts(page)) == 1 and "Name three colours." in user_texts(page)[0], user_texts(page)
     assert len(bot_texts(page)) == 1 and bot_texts(page)[0], bot_texts(page)
+
+
+def test_every_click_on_the_chat_buttons_counts_while_a_reply_is_pending(up):
+    """Gradio drops a click while the same event is pending unless its trigger mode is "multiple": a
+    message sent right after New chat or Stop would be lost while the ended reply winds down."""
+    config = json.load(urllib.request.urlopen(f"{up.url}/config", timeout=30))
+    elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    modes = {elem_ids.get(target): d["trigger_mode"] for d in config["dependencies"] for target, _ in d["targets"]}
+    for button in ("send", "chat-input", "stop", "new-chat"):
+        assert modes.get(button) == "multiple", (button, modes.get(button))
 
 
 def test_a_chat_that_outgrows_the_context_leaves_out_its_oldest_turns(page, up):
