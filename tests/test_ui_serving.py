@@ -28,6 +28,7 @@ CONTEXT = 256
 UI_TOKENS = 120  # the chat's reply beside the API request: long enough to still run when that one starts
 BOT = "#chatbot .message.bot"  # one element per message (its [data-testid=bot] child would count it twice)
 USER = "#chatbot .message.user"
+PENDING = "Loading content"  # what a bot bubble reads while its message has no text yet
 STORY = ("Write a very long and detailed story about a young dragon who learns to cook in a busy city "
          "restaurant. Describe every dish, every friend and every mistake along the way.")
 
@@ -74,22 +75,31 @@ def chat_box(page) -> tuple[list[str], list[str], str]:
 
 
 def send(page, message: str, max_new_tokens: int) -> None:
-    """Send a message; returns once its (still empty) reply bubble is on the page."""
+    """Send a message; returns once its reply bubble is on the page and the stats line is no longer the
+    last reply's (so a `wait_finished` after it waits for this reply)."""
     page.fill("#max-new-tokens input", str(max_new_tokens))
-    before = len(page.query_selector_all(BOT))
+    before = len(page.query_selector_all(BOT)), stats(page)
     page.fill("#chat-input textarea", message)
     page.click("#send")
-    wait_for(lambda: len(page.query_selector_all(BOT)) > before, "the reply bubble")
+    wait_for(lambda: len(page.query_selector_all(BOT)) > before[0] and stats(page) != before[1], "the reply bubble")
+
+
+def last_reply(page) -> str:
+    """The last reply's text; "" while Gradio shows its placeholder for a reply with no text yet."""
+    texts = bot_texts(page)
+    return "" if not texts or texts[-1] == PENDING else texts[-1]
 
 
 def wait_streaming(page) -> str:
     """The reply's first text, once the page shows some while it is still generating."""
-    return wait_for(lambda: bot_texts(page) and bot_texts(page)[-1], "the reply's first text", timeout_s=120)
+    return wait_for(lambda: last_reply(page), "the reply's first text", timeout_s=120)
 
 
 def wait_finished(page) -> str:
-    """The stats line once the reply under way has ended."""
-    return wait_text(page, "#reply-stats", r"tokens/s|error", timeout_s=180)
+    """The stats line once the reply under way has ended, and its text is drawn."""
+    line = wait_text(page, "#reply-stats", r"tokens/s|error", timeout_s=180)
+    wait_for(lambda: last_reply(page), "the reply's text drawn")
+    return line
 
 
 def new_chat(page) -> None:

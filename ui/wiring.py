@@ -22,6 +22,7 @@ class Session:
 
     stop: bool = False  # the Stop button asks the chat under way to end at the next token
     chat: int = 0  # which conversation this tab shows: New chat moves on, and the old reply stops
+    emptied: int = -1  # the conversation New chat last emptied the box for
     reveal: bool = False  # the pool secret is shown in the join command
     drawn: dict[str, object] = field(default_factory=dict)  # view -> the version it last drew
 
@@ -34,6 +35,15 @@ class Session:
 
 def skip(n: int) -> tuple:
     return tuple(gr.skip() for _ in range(n))
+
+
+def ended(session: Session) -> tuple:
+    """The last outputs of a reply that New chat or a newer message ended. Its last chunk can reach the page
+    after New chat's empty box (two events, and no order between them), so while the box should still be
+    empty it is emptied again; once a newer message is under way, the box is that reply's."""
+    if session.emptied == session.chat:
+        return [], gr.skip(), ""
+    return skip(3)
 
 
 @dataclass
@@ -69,8 +79,8 @@ class Handlers:
         stopped = lambda: session.stop or session.chat != mine  # noqa: E731
         try:
             for event in self.pool.chat(fns.chat_messages(history[:-1]), settings, stopped):
-                if session.chat != mine:  # New chat: end without a word (a bare return puts the old box back)
-                    yield gr.skip(), gr.skip(), gr.skip()
+                if session.chat != mine:  # New chat or a newer message (a bare return puts the old box back)
+                    yield ended(session)
                     return
                 if isinstance(event, Trimmed):
                     note = fns.trimmed_note(event)
@@ -87,10 +97,7 @@ class Handlers:
         except LlmdError as e:  # refused before it ran: not ready, busy, a message too long
             history[-1] = {"role": "assistant", "content": f"*{e}*"}
             stats = f"error: {e}"
-        if session.chat == mine:
-            yield history, gr.skip(), stats
-        else:
-            yield gr.skip(), gr.skip(), gr.skip()
+        yield (history, gr.skip(), stats) if session.chat == mine else ended(session)
 
     def stop(self, session: Session):
         session.stop = True
@@ -99,6 +106,7 @@ class Handlers:
     def new_chat(self, session: Session):
         """Stop the reply under way at once and start afresh."""
         session.chat += 1
+        session.emptied = session.chat
         return session, [], ""
 
     # ---- cluster
