@@ -111,8 +111,8 @@ def test_chat_streams_a_greedy_reply(page):
     partials = send(page, "Name three colours.")
     stats = page.inner_text("#reply-stats")
     assert re.search(r"\d+ tokens · [\d.]+ tokens/s · first token \d+ ms", stats), stats
-    final = bot_text(page)
-    assert "tokens/s" in final  # the stats line sits under the reply too
+    # The stats line sits under the reply too, once the chat box has drawn it (it may lag the stats box).
+    final = wait_for(lambda: "tokens/s" in (t := bot_text(page)) and t, "the reply's stats in the chat box")
     growing = [t for t in partials if "tokens/s" not in t]
     assert len(set(growing)) >= 2, f"the reply did not stream: {partials}"
     assert final.startswith(growing[-1].strip()[:10])
