@@ -21,7 +21,7 @@ from .config import ModelConfig, load_hf_config
 from .checkpoint import SliceReader
 from .model import ShardedModel, Slowdown, load_shard
 from .plan import Plan
-from .runtime import peak_rss_mb, rss_mb, serve
+from .runtime import large_allocations_mapped, peak_rss_mb, reset_peak_rss, rss_mb, serve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,13 +69,15 @@ def load_rank(spec: RankSpec, open_reader=SliceReader):
     """Load this rank's slices (through `open_reader`, engine/model.py `load_shard`); returns what
     `build_model` needs."""
     torch.set_num_threads(spec.threads)
+    reset_peak_rss()
     before = rss_mb()
     hf_config = load_hf_config(Path(spec.model_dir))
     cfg = ModelConfig.from_hf(hf_config)
     plan = Plan.from_dict(spec.plan)
     device, dtype = device_of(spec), DTYPES[spec.dtype]
-    weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights,
-                         open_reader=open_reader)
+    with large_allocations_mapped():
+        weights = load_shard(Path(spec.model_dir), cfg, plan, spec.rank, dtype, device, weights=spec.weights,
+                             open_reader=open_reader)
     return cfg, hf_config, plan, weights, device, dtype, (before, peak_rss_mb())
 
 
