@@ -1,6 +1,7 @@
 """Every module of llmd imports on its own, whichever is imported first: a circular import shows
 only when a script or a tool imports the module that starts the cycle."""
 
+import importlib
 import pkgutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def llmd_modules() -> list[str]:
     names = []
     for sub in ("engine", "app", "ui"):
         package = f"llmd.{sub}"
-        path = [str(p) for p in __import__(package, fromlist=["_"]).__path__]
+        path = importlib.import_module(package).__path__
         names += [f"{package}.{m.name}" for m in pkgutil.iter_modules(path) if m.name != "__main__"]
     return names
 

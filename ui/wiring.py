@@ -298,11 +298,11 @@ def wire(demo: gr.Blocks, c: dict, pool: Pool, admin: Admin) -> None:
     # "multiple": Gradio's default ("once") drops a click while the same event is pending, and a reply
     # that New chat ended is pending until its generator has seen it: a message sent at once was lost.
     # A second reply ends the first itself (Session.chat), so letting every click through is safe.
-    now = {"concurrency_limit": None, "trigger_mode": "multiple"}
+    every_click = {"concurrency_limit": None, "trigger_mode": "multiple"}
     for trigger in (c["send"].click, c["message"].submit):
-        trigger(h.respond, chat_in, chat_out, show_progress="minimal", **now, **private)
-    c["stop"].click(h.stop, [s], [s], **now, **quiet)
-    c["new_chat"].click(h.new_chat, [s], [s, c["chatbot"], c["reply_stats"]], **now, **quiet)
+        trigger(h.respond, chat_in, chat_out, show_progress="minimal", **every_click, **private)
+    c["stop"].click(h.stop, [s], [s], **every_click, **quiet)
+    c["new_chat"].click(h.new_chat, [s], [s, c["chatbot"], c["reply_stats"]], **every_click, **quiet)
 
     c["join"].click(h.join, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
     c["drop"].click(h.drop, [c["peer_pick"], s], [s, c["peers"], c["cluster_note"]], **private)
